@@ -1,0 +1,128 @@
+"""Drives one message stream for a sans-IO protocol: a reader, a writer and liveness.
+
+Both the agent and the site run every connection through `Connection.run`, so reading, writing,
+heartbeats and the liveness deadline are written once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from .exceptions import ProtocolError, TransportError
+from .protocol import Message
+from .transports import MessageStream
+
+__all__ = ["CONNECTION_ERRORS", "Connection", "PeerSilent"]
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    TransportError,
+    OSError,
+    ProtocolError,
+)
+"""What ends one connection (the agent reconnects, the site waits for it) but nothing else."""
+
+
+class PeerSilent(TransportError):
+    """Nothing arrived from the peer within the liveness timeout."""
+
+
+def _never() -> None:
+    return None
+
+
+class Connection:
+    """Runs a reader and a writer over ``stream`` until either ends; returns why it ended.
+
+    * the writer sends whatever ``data_to_send()`` returns, in order; when nothing was sent for
+      ``idle_interval()`` seconds it calls ``on_idle()`` (which queues a heartbeat, say);
+    * the reader hands every message to ``handle`` and wakes the writer; if nothing arrives for
+      ``read_timeout()`` seconds the peer is declared silent;
+    * once ``finished()`` is true, the writer flushes what is left and the connection ends.
+    """
+
+    def __init__(
+        self,
+        stream: MessageStream,
+        *,
+        data_to_send: Callable[[], list[Message]],
+        handle: Callable[[Message], None],
+        finished: Callable[[], bool],
+        read_timeout: Callable[[], float],
+        idle_interval: Callable[[], float | None] = lambda: None,
+        on_idle: Callable[[], None] = _never,
+    ) -> None:
+        self.stream = stream
+        self._data_to_send = data_to_send
+        self._handle = handle
+        self._finished = finished
+        self._read_timeout = read_timeout
+        self._idle_interval = idle_interval
+        self._on_idle = on_idle
+        self._wakeup = anyio.Event()
+        self._scope = anyio.CancelScope()
+        self._error: BaseException | None = None
+
+    def wake(self) -> None:
+        """Tell the writer there may be something to send."""
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """End the connection now, without flushing."""
+        self._scope.cancel()
+
+    async def run(self) -> BaseException | None:
+        """Run until the connection ends; returns the error that ended it, None if it finished."""
+        with self._scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._guard, self._write, group.cancel_scope)
+                group.start_soon(self._guard, self._read, group.cancel_scope)
+        with anyio.CancelScope(shield=True):
+            await self.stream.aclose()
+        if self._error is None and self._scope.cancel_called and not self._finished():
+            self._error = TransportError("the connection was closed")
+        return self._error
+
+    async def _guard(self, run: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
+        try:
+            await run()
+        except CONNECTION_ERRORS as exc:
+            if self._error is None:
+                self._error = exc
+        finally:
+            scope.cancel()
+
+    async def _write(self) -> None:
+        stream = self.stream
+        while True:
+            messages = self._data_to_send()
+            for message in messages:
+                await stream.send(message)
+            if messages:
+                continue
+            if self._finished():
+                return
+            wakeup = self._wakeup
+            interval = self._idle_interval()
+            with anyio.move_on_after(math.inf if interval is None else interval) as idle:
+                await wakeup.wait()
+            if idle.cancelled_caught:
+                self._on_idle()
+            else:
+                self._wakeup = anyio.Event()
+
+    async def _read(self) -> None:
+        stream = self.stream
+        with anyio.CancelScope() as liveness:
+            while True:
+                liveness.deadline = anyio.current_time() + self._read_timeout()
+                message = await stream.receive()
+                self._handle(message)
+                self._wakeup.set()
+        timeout = self._read_timeout()
+        raise PeerSilent(f"nothing arrived from the peer for {timeout:g} s")

@@ -1,0 +1,374 @@
+"""`AsyncFlareAgent`: the agent a trainer awaits, on asyncio or trio.
+
+It drives `flare_agent_async.protocol.AgentProtocol` over a transport: one connection at a time, a
+reader and a writer in the agent's task group, heartbeats when idle, and reconnection with backoff
+when the connection drops. Every rule about tasks and results lives in the protocol; this module
+only moves messages and wakes the callers that wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._connection import Connection
+from .defs import Task, TaskResult
+from .exceptions import (
+    AgentClosed,
+    CallStateError,
+    ConnectionRejected,
+    RemoteProtocolError,
+    TransportError,
+)
+from .protocol import (
+    AgentProtocol,
+    AgentState,
+    BadTask,
+    Message,
+    Rejected,
+    Settled,
+    TaskAborted,
+    Welcomed,
+)
+from .transports import Connector, MessageStream, connector_for
+
+__all__ = ["AsyncFlareAgent", "check_timeout"]
+
+logger = logging.getLogger("flare_agent_async.agent")
+
+
+def check_timeout(timeout: float | None) -> float:
+    """Validate a ``get_task`` timeout; returns it in seconds (``math.inf`` for None).
+
+    :raises TypeError: it is not a number.
+    :raises ValueError: it is not positive.
+    """
+    if timeout is None:
+        return math.inf
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be (int, float) but got {type(timeout)}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must > 0, but got {timeout}")
+    return float(timeout)
+
+
+class AsyncFlareAgent:
+    """An agent that receives tasks from a FLARE site and returns their results.
+
+    Use it as an async context manager (or call `start` and `stop` from one task)::
+
+        agent = AsyncFlareAgent("memory://site-1", agent_id="a1", site_name="site-1")
+        async with agent:
+            async for task in agent.tasks():
+                await agent.submit_result(TaskResult({}, train(task.data)))
+
+    :param site: the site's URL (``memory://``, ...) or a `Connector`.
+    :param agent_id: this agent's id; a restarted agent uses the same id.
+    :param site_name: the site's name, checked by the site.
+    :param job_id: the job this agent serves, checked by the site when given.
+    :param connect_timeout: how long `start` tries to connect before it gives up, in seconds.
+    :param reconnect_timeout: how long a dropped connection is retried before the agent closes.
+    :param close_timeout: how long `stop` waits for submitted results to be acknowledged.
+    :param max_backoff: the longest wait between two connection attempts, in seconds.
+    """
+
+    def __init__(
+        self,
+        site: str | Connector,
+        *,
+        agent_id: str,
+        site_name: str,
+        job_id: str | None = None,
+        connect_timeout: float = 30.0,
+        reconnect_timeout: float = 60.0,
+        close_timeout: float = 10.0,
+        max_backoff: float = 2.0,
+    ) -> None:
+        if not isinstance(agent_id, str) or not agent_id:
+            raise ValueError(f"agent_id must be a non-empty str, got {agent_id!r}")
+        if not isinstance(site_name, str) or not site_name:
+            raise ValueError(f"site_name must be a non-empty str, got {site_name!r}")
+        self._connector = connector_for(site)
+        self._protocol = AgentProtocol(agent_id, site_name, job_id, instance_id=uuid.uuid4().hex)
+        self._connect_timeout = connect_timeout
+        self._reconnect_timeout = reconnect_timeout
+        self._close_timeout = close_timeout
+        self._max_backoff = max_backoff
+        self._group: TaskGroup | None = None
+        self._changed: anyio.Event | None = None
+        self._connection: Connection | None = None
+        self._failure: BaseException | None = None
+        self._stopped = False
+
+    @property
+    def agent_id(self) -> str:
+        return self._protocol.agent_id
+
+    @property
+    def connected(self) -> bool:
+        """Whether the agent is connected to its site right now."""
+        return self._protocol.state is AgentState.READY
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the site; returns once the site welcomed the agent.
+
+        :raises ConnectionRejected: the site refused the agent (wrong site, job or version).
+        :raises TransportError: no connection within ``connect_timeout``.
+        :raises CallStateError: the agent was already started.
+        """
+        if self._group is not None or self._stopped:
+            raise CallStateError("the agent was already started; create a new one to start again")
+        self._changed = anyio.Event()
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._group = group
+        try:
+            await group.start(self._run)
+        except BaseException as exc:
+            self._stopped = True
+            group.cancel_scope.cancel()
+            await group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def stop(self) -> None:
+        """Stop the agent: wait (up to ``close_timeout``) for submitted results, then say goodbye.
+
+        Blocked `get_task` calls raise `AgentClosed`. Calling it again does nothing.
+        """
+        group = self._group
+        if group is None or self._stopped:
+            self._stopped = True
+            return
+        self._stopped = True
+        with anyio.move_on_after(self._close_timeout, shield=True):
+            while self._protocol.unsettled and self._protocol.state is not AgentState.CLOSED:
+                await self._wait_changed()
+            self._close("the agent stopped")
+            await self._wait_closed()
+        group.cancel_scope.cancel()
+        await group.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- the trainer's calls ----------------------------------------------------------------------
+
+    async def get_task(self, timeout: float | None = None) -> Task | None:
+        """Wait for the next task, up to ``timeout`` seconds (None: until one arrives).
+
+        Cancelling the call loses nothing: a task that arrives stays queued for the next call.
+
+        :returns: the task, or None if none arrived in time.
+        :raises AgentClosed: the agent is closed (stopped, the site said goodbye or is gone).
+        :raises CallStateError: the agent is not started, or the current task has no result yet.
+        :raises TypeError, ValueError: ``timeout`` is not a positive number.
+        """
+        seconds = check_timeout(timeout)
+        self._check_started()
+        with anyio.move_on_after(seconds):
+            while True:
+                changed = self._changed_event()
+                task = self._protocol.fetch_task()
+                if task is not None:
+                    return task
+                await changed.wait()
+        return None
+
+    async def submit_result(self, result: TaskResult) -> bool:
+        """Submit the current task's result and wait until the site acknowledges it.
+
+        Cancelling the call does not withdraw the result: it is still delivered, and `stop` waits
+        for it.
+
+        :returns: True once the site kept the result; False if the task was aborted, the site
+            refused the result, or the agent closed first.
+        :raises TypeError: ``result`` is not a `TaskResult` (nothing changes).
+        :raises CallStateError: no task was fetched, or its result was already submitted.
+        """
+        self._check_started()
+        submission = self._protocol.submit(result)
+        if submission is None:
+            return False
+        self._wake_writer()
+        while submission.accepted is None:
+            await self._wait_changed()
+        if not submission.accepted:
+            logger.warning(
+                "result of task %s was not kept: %s", submission.task_id, submission.reason
+            )
+        return submission.accepted
+
+    async def log(self, key: str, value: Any, step: int | None = None) -> None:
+        """Send a log record (a metric, usually) to the site, tagged with the current task.
+
+        :raises AgentClosed: the agent is closed.
+        """
+        self._check_started()
+        self._protocol.log(key, value, step)
+        self._wake_writer()
+        await anyio.lowlevel.checkpoint()
+
+    async def tasks(self) -> AsyncIterator[Task]:
+        """Iterate over tasks until the site says goodbye or the agent is stopped.
+
+        Submit each task's result (or let it be aborted) before asking for the next one.
+
+        :raises AgentClosed: the agent closed because of a failure (the site is gone, say).
+        """
+        while True:
+            try:
+                task = await self.get_task()
+            except AgentClosed:
+                if self._failure is not None:
+                    raise
+                return
+            assert task is not None
+            yield task
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _check_started(self) -> None:
+        if self._group is None:
+            raise CallStateError("the agent is not started: use 'async with agent' or start()")
+
+    def _changed_event(self) -> anyio.Event:
+        assert self._changed is not None
+        return self._changed
+
+    async def _wait_changed(self) -> None:
+        await self._changed_event().wait()
+
+    def _notify(self) -> None:
+        """Wake everyone waiting for a change of state."""
+        changed = self._changed_event()
+        self._changed = anyio.Event()
+        changed.set()
+
+    def _wake_writer(self) -> None:
+        if self._connection is not None:
+            self._connection.wake()
+
+    def _close(self, reason: str, failure: BaseException | None = None) -> None:
+        if self._protocol.state is AgentState.CLOSED:
+            return
+        if failure is not None:
+            self._failure = failure
+            logger.error("agent %s closed: %s", self.agent_id, reason)
+        self._protocol.close(reason)
+        self._wake_writer()
+        self._notify()
+
+    async def _wait_closed(self) -> None:
+        while self._connection is not None:
+            await self._wait_changed()
+
+    async def _run(self, *, task_status: TaskStatus[None]) -> None:
+        """Connect, serve the connection, reconnect; until the agent closes."""
+        protocol = self._protocol
+        error = await self._serve(await self._connect(self._connect_timeout), task_status)
+        if protocol.heartbeat_interval is None:  # never welcomed: tell start() why
+            if self._failure is not None:
+                raise self._failure
+            if protocol.state is AgentState.CLOSED:
+                raise ConnectionRejected(protocol.close_reason)
+            raise TransportError(f"the connection closed before the site's welcome: {error}")
+        while protocol.state is not AgentState.CLOSED:
+            logger.warning("agent %s lost its connection (%s); reconnecting", self.agent_id, error)
+            try:
+                stream = await self._connect(self._reconnect_timeout)
+            except TransportError as exc:
+                self._close(f"the site is gone: {exc}", exc)
+                return
+            error = await self._serve(stream, None)
+
+    async def _serve(
+        self, stream: MessageStream, task_status: TaskStatus[None] | None
+    ) -> BaseException | None:
+        protocol = self._protocol
+
+        def handle(message: Message) -> None:
+            try:
+                events = protocol.receive(message)
+            except RemoteProtocolError as exc:
+                self._close(str(exc), exc)
+                raise
+            for event in events:
+                if isinstance(event, Welcomed) and task_status is not None:
+                    task_status.started()
+                elif isinstance(event, Rejected):
+                    logger.error("agent %s: %s", self.agent_id, protocol.close_reason)
+                elif isinstance(event, BadTask):
+                    logger.error(
+                        "task %s has bad data (%s); answered BAD_TASK_DATA",
+                        event.task_id,
+                        event.reason,
+                    )
+                elif isinstance(event, TaskAborted):
+                    logger.info("task %s was aborted by the site", event.task_id)
+                elif isinstance(event, Settled) and not event.submission.accepted:
+                    logger.info(
+                        "result of task %s refused: %s",
+                        event.submission.task_id,
+                        event.submission.reason,
+                    )
+            if events:
+                self._notify()
+
+        def read_timeout() -> float:
+            timeout = protocol.heartbeat_timeout
+            return self._connect_timeout if timeout is None else timeout
+
+        connection = Connection(
+            stream,
+            data_to_send=protocol.data_to_send,
+            handle=handle,
+            finished=lambda: protocol.state is AgentState.CLOSED,
+            read_timeout=read_timeout,
+            idle_interval=lambda: protocol.heartbeat_interval,
+            on_idle=protocol.heartbeat,
+        )
+        protocol.connection_made()
+        self._connection = connection
+        try:
+            return await connection.run()
+        finally:
+            self._connection = None
+            protocol.connection_lost()
+            self._notify()
+
+    async def _connect(self, timeout: float) -> MessageStream:
+        """Connect, retrying with exponential backoff and jitter for up to ``timeout`` seconds."""
+        deadline = anyio.current_time() + timeout
+        delay = 0.05
+        while True:
+            try:
+                with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
+                    return await self._connector.connect()
+            except (TransportError, TimeoutError) as exc:
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    raise TransportError(
+                        f"could not connect to {self._connector.url} within {timeout:g} s: {exc}"
+                    ) from exc
+            await anyio.sleep(min(delay * random.uniform(0.5, 1.5), remaining))
+            delay = min(delay * 2, self._max_backoff)

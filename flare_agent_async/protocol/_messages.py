@@ -1,0 +1,136 @@
+"""The wire messages: one msgspec tagged union, the same on every transport.
+
+A message is a frozen `msgspec.Struct`; its ``kind`` tag names it on the wire. New fields are added
+with defaults, so a newer peer still reads an older one's messages (msgspec's schema evolution);
+anything that changes meaning bumps `PROTOCOL_VERSION`, which the hello checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Abort",
+    "Bye",
+    "Heartbeat",
+    "Hello",
+    "Log",
+    "Message",
+    "Reject",
+    "Result",
+    "ResultAck",
+    "TaskAck",
+    "TaskAssign",
+    "Welcome",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    pass
+
+
+class Hello(_Base, tag="hello", frozen=True, kw_only=True):
+    """Agent to site, first on every connection: who the agent is and which site and job it wants.
+
+    ``instance_id`` is new for every agent object: the same id on a later connection is a reconnect
+    (the agent still has its tasks), a new one is a restarted agent (its tasks must be sent again).
+    """
+
+    protocol_version: int
+    agent_id: str
+    site_name: str
+    job_id: str | None = None
+    instance_id: str
+
+
+class Welcome(_Base, tag="welcome", frozen=True, kw_only=True):
+    """Site to agent: the hello is accepted; the site's liveness settings, in seconds."""
+
+    protocol_version: int
+    site_name: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+
+class Reject(_Base, tag="reject", frozen=True, kw_only=True):
+    """Site to agent: the hello is refused, with the reason; the site closes the connection."""
+
+    reason: str
+
+
+class TaskAssign(_Base, tag="task", frozen=True, kw_only=True):
+    """Site to agent: a task to run."""
+
+    task_id: str
+    task_name: str
+    meta: dict[str, Any]
+    data: Any = None
+
+
+class TaskAck(_Base, tag="task_ack", frozen=True, kw_only=True):
+    """Agent to site: the task arrived (it is not sent again after a reconnect)."""
+
+    task_id: str
+
+
+class Result(_Base, tag="result", frozen=True, kw_only=True):
+    """Agent to site: the result of a task; resent after a reconnect until acknowledged."""
+
+    task_id: str
+    return_code: str
+    meta: dict[str, Any]
+    data: Any = None
+
+
+class ResultAck(_Base, tag="result_ack", frozen=True, kw_only=True):
+    """Site to agent: the result was kept (``accepted``) or refused, and why."""
+
+    task_id: str
+    accepted: bool
+    reason: str = ""
+
+
+class Abort(_Base, tag="abort", frozen=True, kw_only=True):
+    """Site to agent: the site no longer wants this task's result."""
+
+    task_id: str
+
+
+class Heartbeat(_Base, tag="heartbeat", frozen=True, kw_only=True):
+    """Keeps an idle connection alive: the agent sends one when idle, the site answers each."""
+
+
+class Log(_Base, tag="log", frozen=True, kw_only=True):
+    """Agent to site: a metric or other log record of the current task."""
+
+    key: str
+    value: Any
+    step: int | None = None
+    task_id: str | None = None
+
+
+class Bye(_Base, tag="bye", frozen=True, kw_only=True):
+    """Either way: the sender is leaving for good; the reason is for the logs."""
+
+    reason: str = ""
+
+
+Message = (
+    Hello
+    | Welcome
+    | Reject
+    | TaskAssign
+    | TaskAck
+    | Result
+    | ResultAck
+    | Abort
+    | Heartbeat
+    | Log
+    | Bye
+)
+"""Any wire message."""

@@ -1,0 +1,356 @@
+"""`FlareSite`: the site side. It accepts agents, runs tasks on them and collects their results.
+
+Each agent id has a `flare_agent_async.protocol.SiteSession` that outlives its connections; this
+module accepts connections, checks hellos, runs each connection in the site's task group and wakes
+the `run_task` calls whose tasks finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
+
+from ._connection import CONNECTION_ERRORS, Connection
+from .defs import TaskResult
+from .exceptions import CallStateError, UnknownAgent
+from .protocol import (
+    Hello,
+    LogReceived,
+    LogRecord,
+    Message,
+    Reject,
+    ResultRefused,
+    SessionState,
+    SiteConfig,
+    SiteSession,
+    SiteTask,
+    TaskFinished,
+    check_hello,
+)
+from .transports import MessageListener, MessageStream, create_listener
+
+__all__ = ["FlareSite", "LogRecord"]
+
+logger = logging.getLogger("flare_agent_async.site")
+
+
+class FlareSite:
+    """A FLARE site: agents connect to it, it runs tasks on them.
+
+    ::
+
+        async with FlareSite("site-1") as site:
+            url = await site.listen("memory://site-1")
+            await site.wait_for_agent("a1")
+            result = await site.run_task("a1", "train", {"w": weights})
+
+    :param site_name: the name agents must ask for.
+    :param job_id: the job; agents that name another job are rejected.
+    :param heartbeat_interval: how often an idle agent sends a heartbeat, in seconds.
+    :param heartbeat_timeout: silence after which a connection is dropped, in seconds.
+    :param reconnect_timeout: how long a disconnected agent's tasks wait for it to come back
+        before they fail with `AgentGone`.
+    :param hello_timeout: how long a new connection may take to say hello.
+    :param close_timeout: how long leaving the ``async with`` waits to say goodbye to agents.
+    :param on_log: called with every `LogRecord` agents send, in the site's event loop.
+    """
+
+    def __init__(
+        self,
+        site_name: str,
+        job_id: str | None = None,
+        *,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 30.0,
+        reconnect_timeout: float = 60.0,
+        hello_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        on_log: Callable[[LogRecord], object] | None = None,
+    ) -> None:
+        if not isinstance(site_name, str) or not site_name:
+            raise ValueError(f"site_name must be a non-empty str, got {site_name!r}")
+        if not 0 < heartbeat_interval < heartbeat_timeout:
+            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        self._config = SiteConfig(site_name, job_id, heartbeat_interval, heartbeat_timeout)
+        self._reconnect_timeout = reconnect_timeout
+        self._hello_timeout = hello_timeout
+        self._close_timeout = close_timeout
+        self._on_log = on_log
+        self._group: TaskGroup | None = None
+        self._changed: anyio.Event | None = None
+        self._sessions: dict[str, SiteSession] = {}
+        self._connections: dict[str, Connection] = {}
+        self._expiries: dict[str, anyio.CancelScope] = {}
+        self._waiters: dict[SiteTask, anyio.Event] = {}
+        self._listeners: list[MessageListener] = []
+        self._closing = False
+        self.rejected_hellos = 0
+        """How many connections were refused at the hello."""
+
+    @property
+    def site_name(self) -> str:
+        return self._config.site_name
+
+    @property
+    def agents(self) -> frozenset[str]:
+        """The ids of the agents connected right now."""
+        return frozenset(self._connections)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._group is not None:
+            raise CallStateError("the site is already running")
+        self._changed = anyio.Event()
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._group = group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        group = self._running()
+        self._closing = True
+        with anyio.CancelScope(shield=True):
+            for listener in self._listeners:
+                await listener.aclose()
+            for session in self._sessions.values():
+                self._finished(session.close("the site is shutting down"))
+                connection = self._connections.get(session.agent_id)
+                if connection is not None:
+                    connection.wake()
+            with anyio.move_on_after(self._close_timeout):
+                while self._connections:
+                    await self._wait_changed()
+        group.cancel_scope.cancel()
+        return await group.__aexit__(exc_type, exc, tb)
+
+    async def listen(self, target: str | MessageListener) -> str:
+        """Accept agents at a URL (or with a listener); returns the bound URL.
+
+        :raises ValueError: the URL's scheme is unknown.
+        :raises TransportError: the address cannot be bound.
+        """
+        group = self._running()
+        listener = await create_listener(target)
+        self._listeners.append(listener)
+        group.start_soon(listener.serve, self._serve_connection, group)
+        logger.info("site %s listening at %s", self.site_name, listener.url)
+        return listener.url
+
+    # -- running tasks --------------------------------------------------------------------------
+
+    async def wait_for_agent(self, agent_id: str, timeout: float | None = None) -> None:
+        """Wait until the agent is connected.
+
+        :raises TimeoutError: it did not connect within ``timeout`` seconds.
+        """
+        self._running()
+        with anyio.fail_after(timeout):
+            while agent_id not in self._connections:
+                await self._wait_changed()
+
+    async def run_task(
+        self,
+        agent_id: str,
+        task_name: str,
+        data: Any,
+        meta: dict[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        timeout: float | None = None,
+    ) -> TaskResult:
+        """Run a task on an agent and return its result.
+
+        An agent works on one task at a time: a new task aborts the one it has. If the agent
+        disconnects, the task waits for it (up to the site's ``reconnect_timeout``) and is sent
+        again. Cancelling the call, or its ``timeout``, aborts the task at the agent.
+
+        :raises UnknownAgent: no agent with this id has connected.
+        :raises AgentGone: the agent left before the result arrived.
+        :raises TaskAborted: the task was aborted (`abort_task`, or a newer task).
+        :raises TimeoutError: no result within ``timeout`` seconds (the task is aborted).
+        :raises ValueError: ``task_id`` is already used for this agent.
+        """
+        self._running()
+        if not isinstance(task_name, str):
+            raise TypeError(f"task_name must be str, got {type(task_name).__name__}")
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+        session = self._session(agent_id)
+        task, superseded = session.assign(task_id or uuid.uuid4().hex, task_name, meta or {}, data)
+        self._finished(superseded)
+        self._wake(agent_id)
+        done = self._waiters[task] = anyio.Event()
+        try:
+            with anyio.fail_after(timeout):
+                await done.wait()
+        except BaseException:
+            if not task.done:
+                session.abort(task.task_id)
+                self._wake(agent_id)
+            raise
+        finally:
+            del self._waiters[task]
+        if task.error is not None:
+            raise task.error
+        assert task.result is not None
+        return task.result
+
+    async def abort_task(self, agent_id: str, task_id: str) -> bool:
+        """Abort a task: its `run_task` raises `TaskAborted`, the agent is told to stop it.
+
+        :returns: whether the task was unfinished (and so is aborted now).
+        :raises UnknownAgent: no agent with this id has connected.
+        """
+        self._running()
+        task = self._session(agent_id).abort(task_id)
+        await anyio.lowlevel.checkpoint()
+        if task is None:
+            return False
+        self._finished([task])
+        self._wake(agent_id)
+        return True
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _running(self) -> TaskGroup:
+        if self._group is None or self._closing:
+            raise CallStateError("the site is not running: use 'async with FlareSite(...)'")
+        return self._group
+
+    def _session(self, agent_id: str) -> SiteSession:
+        session = self._sessions.get(agent_id)
+        if session is None:
+            raise UnknownAgent(f"no agent {agent_id!r} has connected to site {self.site_name!r}")
+        return session
+
+    async def _wait_changed(self) -> None:
+        assert self._changed is not None
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        assert self._changed is not None
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    def _wake(self, agent_id: str) -> None:
+        connection = self._connections.get(agent_id)
+        if connection is not None:
+            connection.wake()
+
+    def _finished(self, tasks: list[SiteTask]) -> None:
+        for task in tasks:
+            waiter = self._waiters.get(task)
+            if waiter is not None:
+                waiter.set()
+
+    async def _serve_connection(self, stream: MessageStream) -> None:
+        """Serve one connection from hello to end; errors end only this connection."""
+        try:
+            hello = await self._receive_hello(stream)
+            if hello is not None:
+                await self._serve_agent(stream, hello)
+        except CONNECTION_ERRORS as exc:
+            logger.info("connection ended: %s", exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _receive_hello(self, stream: MessageStream) -> Hello | None:
+        with anyio.move_on_after(self._hello_timeout):
+            message = await stream.receive()
+            reason = (
+                check_hello(message, self._config)
+                if isinstance(message, Hello)
+                else f"expected a hello, got {type(message).__name__}"
+            )
+            if self._closing:
+                reason = "the site is shutting down"
+            if reason is None:
+                assert isinstance(message, Hello)
+                return message
+            self.rejected_hellos += 1
+            logger.warning("rejected a connection: %s", reason)
+            await stream.send(Reject(reason=reason))
+            return None
+        self.rejected_hellos += 1
+        logger.warning("dropped a connection that sent no hello within %g s", self._hello_timeout)
+        return None
+
+    async def _serve_agent(self, stream: MessageStream, hello: Hello) -> None:
+        agent_id = hello.agent_id
+        session = self._sessions.get(agent_id)
+        if session is None or session.state is SessionState.GONE:
+            session = self._sessions[agent_id] = SiteSession(agent_id, self._config)
+        previous = self._connections.get(agent_id)
+        if previous is not None:
+            logger.warning("agent %s connected again; dropping its older connection", agent_id)
+            previous.close()
+        expiry = self._expiries.pop(agent_id, None)
+        if expiry is not None:
+            expiry.cancel()
+
+        def data_to_send() -> list[Message]:
+            if self._connections.get(agent_id) is not connection:
+                return []  # replaced: the session's messages belong to the newer connection
+            return session.data_to_send()
+
+        def handle(message: Message) -> None:
+            if self._connections.get(agent_id) is not connection:
+                return
+            for event in session.receive(message):
+                if isinstance(event, TaskFinished):
+                    self._finished([event.task])
+                elif isinstance(event, LogReceived):
+                    if self._on_log is not None:
+                        self._on_log(event.record)
+                elif isinstance(event, ResultRefused):
+                    logger.warning("refused a result from agent %s: %s", agent_id, event.reason)
+            if session.state is SessionState.GONE:
+                self._notify()
+
+        connection = Connection(
+            stream,
+            data_to_send=data_to_send,
+            handle=handle,
+            finished=lambda: session.state is SessionState.GONE,
+            read_timeout=lambda: self._config.heartbeat_timeout,
+        )
+        session.connection_made(hello)
+        self._connections[agent_id] = connection
+        self._notify()
+        logger.info("agent %s connected", agent_id)
+        try:
+            error = await connection.run()
+        finally:
+            if self._connections.get(agent_id) is connection:
+                del self._connections[agent_id]
+                session.connection_lost()
+                if session.state is not SessionState.GONE and self._group is not None:
+                    # The scope exists before the task runs, so a quick reconnect can cancel it.
+                    expiry = self._expiries[agent_id] = anyio.CancelScope()
+                    self._group.start_soon(self._expire, session, expiry)
+            self._notify()
+        logger.info("agent %s disconnected: %s", agent_id, error or "goodbye")
+
+    async def _expire(self, session: SiteSession, scope: anyio.CancelScope) -> None:
+        """Give up on a disconnected agent after ``reconnect_timeout``, unless it returns."""
+        with scope:
+            await anyio.sleep(self._reconnect_timeout)
+            del self._expiries[session.agent_id]
+            reason = f"it did not reconnect within {self._reconnect_timeout:g} s"
+            logger.warning("agent %s is gone: %s", session.agent_id, reason)
+            self._finished(session.give_up(reason))
+            self._notify()

@@ -1,0 +1,107 @@
+"""Transports: how an agent reaches its site, chosen by URL scheme or passed as an object.
+
+``memory://name`` is built in. Other packages add schemes through the entry-point group
+``flare_agent_async.transports``: each entry point names a `Scheme`. `register_scheme` does the same
+at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from ._base import Connector, MessageListener, MessageStream
+from ._memory import MemoryConnector, MemoryListener, memory_stream_pair
+
+__all__ = [
+    "Connector",
+    "MemoryConnector",
+    "MemoryListener",
+    "MessageListener",
+    "MessageStream",
+    "Scheme",
+    "connector_for",
+    "create_listener",
+    "known_schemes",
+    "memory_stream_pair",
+    "register_scheme",
+]
+
+ENTRY_POINT_GROUP = "flare_agent_async.transports"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A URL scheme: how to connect to a URL of it, and how to listen at one."""
+
+    connect: Callable[[str], Connector]
+    listen: Callable[[str], Awaitable[MessageListener]]
+
+
+async def _listen_memory(url: str) -> MessageListener:
+    return MemoryListener(url)
+
+
+_schemes: dict[str, Scheme] = {"memory": Scheme(MemoryConnector, _listen_memory)}
+_entry_points_loaded = False
+
+
+def register_scheme(name: str, scheme: Scheme) -> None:
+    """Make ``name://...`` URLs use ``scheme``, replacing any scheme of that name."""
+    _schemes[name] = scheme
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        _schemes.setdefault(entry_point.name, entry_point.load())
+
+
+def known_schemes() -> list[str]:
+    """The URL schemes that can be used, built in and from entry points."""
+    _load_entry_points()
+    return sorted(_schemes)
+
+
+def _scheme(url: str) -> Scheme:
+    name, sep, _ = url.partition("://")
+    if not sep:
+        raise ValueError(f"{url!r} is not a transport URL: expected scheme://address")
+    scheme = _schemes.get(name)
+    if scheme is None:
+        _load_entry_points()
+        scheme = _schemes.get(name)
+    if scheme is None:
+        raise ValueError(
+            f"unknown transport scheme {name!r} in {url!r}; known: {', '.join(known_schemes())}"
+        )
+    return scheme
+
+
+def connector_for(target: str | Connector) -> Connector:
+    """The connector for a URL, or the connector itself.
+
+    :raises ValueError: the URL is malformed or its scheme is unknown.
+    """
+    if isinstance(target, Connector):
+        return target
+    if not isinstance(target, str):
+        raise TypeError(f"expected a URL or a Connector, got {type(target).__name__}")
+    return _scheme(target).connect(target)
+
+
+async def create_listener(target: str | MessageListener) -> MessageListener:
+    """A listener bound to a URL, or the listener itself.
+
+    :raises ValueError: the URL is malformed or its scheme is unknown.
+    :raises TransportError: the address cannot be bound.
+    """
+    if isinstance(target, MessageListener):
+        return target
+    if not isinstance(target, str):
+        raise TypeError(f"expected a URL or a MessageListener, got {type(target).__name__}")
+    return await _scheme(target).listen(target)

@@ -3,7 +3,8 @@
 A connection is an `anyio.abc.ObjectStream` of protocol messages (a `MessageStream`), with
 anyio's exact semantics: ``receive`` raises `anyio.EndOfStream` when the peer closed, ``send`` and
 ``receive`` raise `anyio.BrokenResourceError` when the connection broke, and
-`anyio.ClosedResourceError` after this side closed it. How messages become bytes is the transport's business.
+`anyio.ClosedResourceError` after this side closed it. How messages become bytes is the
+transport's business.
 """
 
 from __future__ import annotations

@@ -104,10 +104,15 @@ class AsyncFlareAgent:
         self._close_timeout = close_timeout
         self._max_backoff = max_backoff
         self._group: TaskGroup | None = None
+        self._group_to_exit: TaskGroup | None = None
         self._changed: anyio.Event | None = None
         self._connection: Connection | None = None
         self._failure: BaseException | None = None
         self._stopped = False
+        self._run_scope = anyio.CancelScope()
+        self._run_done: anyio.Event
+        self._exit_on_stop = False
+        self._host_task = 0
 
     @property
     def agent_id(self) -> str:
@@ -123,44 +128,39 @@ class AsyncFlareAgent:
     async def start(self) -> None:
         """Connect to the site; returns once the site welcomed the agent.
 
+        Pair it with `stop` in the same task; ``async with agent`` does both.
+
         :raises ConnectionRejected: the site refused the agent (wrong site, job or version).
         :raises TransportError: no connection within ``connect_timeout``.
         :raises CallStateError: the agent was already started.
         """
-        if self._group is not None or self._stopped:
-            raise CallStateError("the agent was already started; create a new one to start again")
-        self._changed = anyio.Event()
-        group = anyio.create_task_group()
-        await group.__aenter__()
-        self._group = group
-        try:
-            await group.start(self._run)
-        except BaseException as exc:
-            self._stopped = True
-            group.cancel_scope.cancel()
-            await group.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
+        await self._enter(exit_on_stop=True)
 
     async def stop(self) -> None:
         """Stop the agent: wait (up to ``close_timeout``) for submitted results, then say goodbye.
 
-        Blocked `get_task` calls raise `AgentClosed`. Calling it again does nothing.
+        Blocked `get_task` calls raise `AgentClosed`. Safe to call from any task of the agent's
+        event loop, and more than once.
         """
-        group = self._group
-        if group is None or self._stopped:
+        if self._group is None:
             self._stopped = True
             return
-        self._stopped = True
-        with anyio.move_on_after(self._close_timeout, shield=True):
-            while self._protocol.unsettled and self._protocol.state is not AgentState.CLOSED:
-                await self._wait_changed()
-            self._close("the agent stopped")
-            await self._wait_closed()
-        group.cancel_scope.cancel()
-        await group.__aexit__(None, None, None)
+        if not self._stopped:
+            self._stopped = True
+            with anyio.move_on_after(self._close_timeout, shield=True):
+                while self._protocol.unsettled and self._protocol.state is not AgentState.CLOSED:
+                    await self._wait_changed()
+                self._close("the agent stopped")
+                if self._connection is not None:
+                    await self._run_done.wait()  # the goodbye is sent
+            self._run_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._run_done.wait()
+        if self._exit_on_stop and anyio.get_current_task().id == self._host_task:
+            await self._exit()
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        await self._enter(exit_on_stop=False)
         return self
 
     async def __aexit__(
@@ -170,6 +170,31 @@ class AsyncFlareAgent:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+        await self._exit()
+
+    async def _enter(self, *, exit_on_stop: bool) -> None:
+        if self._group is not None or self._stopped:
+            raise CallStateError("the agent was already started; create a new one to start again")
+        self._changed = anyio.Event()
+        self._run_done = anyio.Event()
+        self._exit_on_stop = exit_on_stop
+        self._host_task = anyio.get_current_task().id
+        group = self._group = anyio.create_task_group()
+        await group.__aenter__()
+        try:
+            await group.start(self._run_scoped)
+        except BaseException as exc:
+            self._stopped = True
+            self._protocol.close(f"the agent failed to start: {exc!r}")
+            group.cancel_scope.cancel()
+            await group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._group_to_exit = group
+
+    async def _exit(self) -> None:
+        group, self._group_to_exit = self._group_to_exit, None
+        if group is not None:
+            await group.__aexit__(None, None, None)
 
     # -- the trainer's calls ----------------------------------------------------------------------
 
@@ -278,9 +303,12 @@ class AsyncFlareAgent:
         self._wake_writer()
         self._notify()
 
-    async def _wait_closed(self) -> None:
-        while self._connection is not None:
-            await self._wait_changed()
+    async def _run_scoped(self, *, task_status: TaskStatus[None]) -> None:
+        try:
+            with self._run_scope:
+                await self._run(task_status=task_status)
+        finally:
+            self._run_done.set()
 
     async def _run(self, *, task_status: TaskStatus[None]) -> None:
         """Connect, serve the connection, reconnect; until the agent closes."""

@@ -51,6 +51,7 @@ class MemoryListener(MessageListener):
         self._accept_send, self._accept_receive = anyio.create_memory_object_stream[MessageStream](
             math.inf
         )
+        self._serving = False
         _listeners[name] = self
 
     @property
@@ -65,9 +66,17 @@ class MemoryListener(MessageListener):
             raise TransportError(f"{self.url} is closed") from None
         return mine
 
+    async def accept(self) -> MessageStream:
+        """Wait for the next connection.
+
+        :raises anyio.EndOfStream: the listener was closed.
+        """
+        return await self._accept_receive.receive()
+
     async def serve(
         self, handler: Callable[[MessageStream], Any], task_group: TaskGroup | None = None
     ) -> None:
+        self._serving = True
         async with anyio.create_task_group() as own_group:
             group = task_group or own_group
             async with self._accept_receive:
@@ -78,6 +87,14 @@ class MemoryListener(MessageListener):
         if _listeners.get(self._name) is self:
             del _listeners[self._name]
         self._accept_send.close()  # ends serve()'s loop with EndOfStream
+        while True:  # connections made but never accepted: their agents see the end of stream
+            try:
+                stream = self._accept_receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            await stream.aclose()
+        if not self._serving:
+            self._accept_receive.close()
 
 
 class MemoryConnector(Connector):

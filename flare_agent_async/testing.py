@@ -206,11 +206,12 @@ class _FaultyStream(ObjectStream[Message]):
 
 
 class FaultyConnector(Connector):
-    """Wraps a connector; breaks connections when a message the test picks is sent.
+    """Wraps an agent's connector to break its connections at moments the test picks.
 
-    For the agent's end of connections. ``drop_before(predicate)`` closes the connection instead of sending the next message for which
-    ``predicate(message)`` is true; ``drop_after`` sends it first. Each rule fires once. `drop`
-    closes the current connection at once; ``refuse_connections`` makes ``connect`` fail.
+    ``drop_before(predicate)`` closes the connection instead of sending the next message for
+    which ``predicate(message)`` is true; ``drop_after`` sends it first; ``after_receive`` runs a
+    callback right after a message was handled. Each rule fires once. `drop` closes the current
+    connection at once; setting ``refuse_connections`` makes ``connect`` fail.
     """
 
     def __init__(self, inner: Connector) -> None:

@@ -187,7 +187,7 @@ class AsyncFlareAgent:
             self._stopped = True
             self._protocol.close(f"the agent failed to start: {exc!r}")
             group.cancel_scope.cancel()
-            await group.__aexit__(type(exc), exc, exc.__traceback__)
+            await group.__aexit__(None, None, None)  # nothing else runs in it yet
             raise
         self._group_to_exit = group
 

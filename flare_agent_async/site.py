@@ -101,7 +101,11 @@ class FlareSite:
     @property
     def agents(self) -> frozenset[str]:
         """The ids of the agents connected right now."""
-        return frozenset(self._connections)
+        return frozenset(
+            agent_id
+            for agent_id in self._connections
+            if self._sessions[agent_id].state is SessionState.CONNECTED
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -158,7 +162,7 @@ class FlareSite:
         """
         self._running()
         with anyio.fail_after(timeout):
-            while agent_id not in self._connections:
+            while agent_id not in self.agents:
                 await self._wait_changed()
 
     async def run_task(
@@ -233,7 +237,10 @@ class FlareSite:
     def _session(self, agent_id: str) -> SiteSession:
         session = self._sessions.get(agent_id)
         if session is None:
-            raise UnknownAgent(f"no agent {agent_id!r} has connected to site {self.site_name!r}")
+            raise UnknownAgent(
+                f"no agent {agent_id!r} has connected to site {self.site_name!r}; "
+                "wait for it with wait_for_agent"
+            )
         return session
 
     async def _wait_changed(self) -> None:

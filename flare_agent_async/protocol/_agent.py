@@ -178,7 +178,11 @@ class AgentProtocol:
         ]
 
     def connection_lost(self) -> None:
-        """The connection is gone; what it had not sent is rebuilt on the next one."""
+        """The connection is gone; unsent messages are dropped.
+
+        The next connection resends what matters: the hello, unacknowledged results and the logs
+        queued while disconnected. Log records and heartbeats that were in flight are lost.
+        """
         if self.state is not AgentState.CLOSED:
             self.state = AgentState.IDLE
         self._outbox.clear()

@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..defs import TaskResult
-from ..exceptions import AgentGone, RemoteProtocolError, SiteError, TaskAborted
+from ..exceptions import (
+    AgentGone,
+    LocalProtocolError,
+    RemoteProtocolError,
+    SiteError,
+    TaskAborted,
+)
 from ._messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -151,14 +157,20 @@ class SiteSession:
     state: SessionState = field(default=SessionState.DISCONNECTED, init=False)
     gone_reason: str = field(default="", init=False)
     _tasks: dict[str, SiteTask] = field(default_factory=dict, init=False)
-    _finished: RecentIds[bool] = field(default_factory=RecentIds, init=False)
+    #: Finished task ids, each with why a resent result is refused ("" if it was kept).
+    _finished: RecentIds[str] = field(default_factory=RecentIds, init=False)
     _unsent_aborts: list[str] = field(default_factory=list, init=False)
     _outbox: list[Message] = field(default_factory=list, init=False)
 
     # -- connections ------------------------------------------------------------------------------
 
     def connection_made(self, hello: Hello) -> None:
-        """The agent (re)connected with an accepted hello: welcome it and resend what it lacks."""
+        """The agent (re)connected with an accepted hello: welcome it and resend what it lacks.
+
+        :raises LocalProtocolError: the session is gone; make a new one for the agent.
+        """
+        if self.state is SessionState.GONE:
+            raise LocalProtocolError(f"the session of agent {self.agent_id!r} is gone")
         restarted = hello.instance_id != self.instance_id
         self.instance_id = hello.instance_id
         self.state = SessionState.CONNECTED
@@ -236,7 +248,13 @@ class SiteSession:
         error: BaseException | None = None,
     ) -> None:
         del self._tasks[task.task_id]
-        self._finished.add(task.task_id, result is not None)
+        if result is not None:
+            refusal = ""
+        elif isinstance(error, TaskAborted):
+            refusal = "the task was aborted"
+        else:
+            refusal = f"the task already ended: {error}"
+        self._finished.add(task.task_id, refusal)
         task.result = result
         task.error = error
 
@@ -294,14 +312,12 @@ class SiteSession:
         task_id = message.task_id
         task = self._tasks.get(task_id)
         if task is None:
-            accepted = self._finished.get(task_id)
-            if accepted is None:
-                reason = f"task {task_id!r} was not assigned to agent {self.agent_id!r}"
-            elif accepted:
-                reason = "duplicate: the result was already received"
-            else:
-                reason = "the task was aborted"
-            self._outbox.append(ResultAck(task_id=task_id, accepted=bool(accepted), reason=reason))
+            refusal = self._finished.get(task_id)
+            if refusal is None:
+                refusal = f"task {task_id!r} was not assigned to agent {self.agent_id!r}"
+            accepted = refusal == ""
+            reason = "duplicate: the result was already received" if accepted else refusal
+            self._outbox.append(ResultAck(task_id=task_id, accepted=accepted, reason=reason))
             return [] if accepted else [ResultRefused(task_id, reason)]
         try:
             result = TaskResult(message.meta, message.data, message.return_code)

@@ -1,0 +1,392 @@
+"""FlareSite: accepting agents, running tasks, collecting results, and surviving bad peers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+
+import anyio
+import pytest
+
+from flare_agent_async import (
+    AgentClosed,
+    AgentGone,
+    AsyncFlareAgent,
+    CallStateError,
+    ConnectionRejected,
+    FlareSite,
+    LogRecord,
+    Task,
+    TaskAborted,
+    TaskResult,
+    UnknownAgent,
+)
+from flare_agent_async.protocol import (
+    PROTOCOL_VERSION,
+    Hello,
+    Reject,
+    Result,
+    ResultAck,
+    TaskAck,
+    TaskAssign,
+    Welcome,
+)
+from flare_agent_async.testing import FaultyConnector, site_and_agent
+from flare_agent_async.transports import MessageStream, connector_for
+
+pytestmark = pytest.mark.anyio
+
+OK = TaskResult({}, {"ok": True})
+
+
+def hello(agent_id: str = "raw", **fields: object) -> Hello:
+    values: dict[str, object] = {
+        "protocol_version": PROTOCOL_VERSION,
+        "agent_id": agent_id,
+        "site_name": "site-1",
+        "instance_id": "i1",
+    }
+    values.update(fields)
+    return Hello(**values)  # type: ignore[arg-type]
+
+
+async def raw_agent(url: str, agent_id: str = "raw") -> MessageStream:
+    """A hand-driven agent connection, welcomed."""
+    stream = await connector_for(url).connect()
+    await stream.send(hello(agent_id))
+    assert isinstance(await stream.receive(), Welcome)
+    return stream
+
+
+async def test_listen_returns_the_bound_url_and_rejects_unknown_schemes() -> None:
+    async with FlareSite("site-1") as site:
+        assert (await site.listen("memory://bound-url-test")) == "memory://bound-url-test"
+        assert (await site.listen("memory://")).startswith("memory://anonymous-")
+        with pytest.raises(ValueError, match=r"unknown transport scheme 'carrier'.*known: memory"):
+            await site.listen("carrier://pigeon")
+        with pytest.raises(ValueError, match="not a transport URL"):
+            await site.listen("just-a-name")
+
+
+async def test_calls_outside_async_with_are_call_state_errors() -> None:
+    site = FlareSite("site-1")
+    with pytest.raises(CallStateError, match="not running"):
+        await site.run_task("a1", "train", 1)
+    with pytest.raises(CallStateError, match="not running"):
+        await site.listen("memory://")
+
+
+async def test_wait_for_agent_times_out_and_returns_when_the_agent_connects() -> None:
+    async with site_and_agent(agent_id="a1") as (site, _):
+        await site.wait_for_agent("a1", timeout=5)
+        assert site.agents == frozenset({"a1"})
+        with pytest.raises(TimeoutError):
+            await site.wait_for_agent("nobody", timeout=0.01)
+
+
+async def test_run_task_on_an_unknown_agent_or_with_bad_arguments() -> None:
+    async with site_and_agent() as (site, _):
+        with pytest.raises(UnknownAgent, match="wait_for_agent"):
+            await site.run_task("nobody", "train", 1)
+        with pytest.raises(TypeError, match="meta must be a dict"):
+            await site.run_task("agent-1", "train", 1, meta=[1])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="task_name must be str"):
+            await site.run_task("agent-1", 5, 1)  # type: ignore[arg-type]
+
+
+async def test_run_task_returns_the_agents_result_with_meta_and_return_code() -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+
+        async def trainer() -> None:
+            task = await agent.get_task()
+            assert task is not None
+            assert (task.task_name, task.meta, task.data) == ("train", {"round": 3}, [1, 2])
+            await agent.submit_result(TaskResult({"n": 2}, {"sum": 3}, "CUSTOM"))
+
+        group.start_soon(trainer)
+        result = await site.run_task("agent-1", "train", [1, 2], {"round": 3}, task_id="t-1")
+        assert (result.meta, result.data, result.return_code) == ({"n": 2}, {"sum": 3}, "CUSTOM")
+        with pytest.raises(ValueError, match="already used"):
+            await site.run_task("agent-1", "train", 1, task_id="t-1")
+
+
+async def test_a_run_task_timeout_aborts_the_task_at_the_agent() -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+        fetched: list[Task] = []
+
+        async def trainer() -> None:
+            task = await agent.get_task()
+            assert task is not None
+            fetched.append(task)
+            await task.wait_aborted()
+
+        group.start_soon(trainer)
+        with pytest.raises(TimeoutError):
+            await site.run_task("agent-1", "train", 1, timeout=0.05)
+        with anyio.fail_after(5):
+            while not (fetched and fetched[0].aborted):
+                await anyio.wait_all_tasks_blocked()
+        assert await agent.submit_result(OK) is False
+
+
+async def test_cancelling_run_task_aborts_the_task_at_the_agent() -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+        with anyio.CancelScope() as scope:
+            group.start_soon(lambda: agent.get_task())
+            await anyio.wait_all_tasks_blocked()
+
+            async def cancel_when_fetched() -> None:
+                await anyio.wait_all_tasks_blocked()
+                scope.cancel()
+
+            group.start_soon(cancel_when_fetched)
+            await site.run_task("agent-1", "train", 1)
+        assert scope.cancelled_caught
+        assert await site.abort_task("agent-1", "no-such-task") is False
+        await anyio.wait_all_tasks_blocked()
+        assert await agent.submit_result(OK) is False  # the fetched task was aborted
+
+
+async def test_abort_task_ends_run_task_with_task_aborted() -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+        outcome: list[BaseException] = []
+
+        async def run() -> None:
+            with pytest.raises(TaskAborted) as info:
+                await site.run_task("agent-1", "train", 1, task_id="t1")
+            outcome.append(info.value)
+
+        group.start_soon(run)
+        task = await agent.get_task(timeout=5)
+        assert task is not None
+        assert await site.abort_task("agent-1", "t1") is True
+        assert await site.abort_task("agent-1", "t1") is False
+        await anyio.wait_all_tasks_blocked()
+        assert len(outcome) == 1 and task.aborted
+
+
+async def test_an_agent_that_stops_ends_its_tasks_with_agent_gone() -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+        outcome: list[BaseException] = []
+
+        async def run() -> None:
+            with pytest.raises(AgentGone, match="goodbye") as info:
+                await site.run_task("agent-1", "train", 1)
+            outcome.append(info.value)
+
+        group.start_soon(run)
+        assert await agent.get_task(timeout=5) is not None
+        await agent.stop()
+        with anyio.fail_after(5):
+            while not outcome:
+                await anyio.wait_all_tasks_blocked()
+        assert site.agents == frozenset()
+        with pytest.raises(AgentGone):
+            await site.run_task("agent-1", "train", 2)
+
+
+async def test_an_agent_that_does_not_come_back_in_time_is_gone() -> None:
+    async with FlareSite("site-1", reconnect_timeout=0.05) as site:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        async with AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent:
+            assert await agent.get_task(timeout=0.01) is None  # connected and idle
+            faulty.refuse_connections = True
+            await faulty.drop()
+            with anyio.fail_after(5), pytest.raises(AgentGone, match="did not reconnect"):
+                await site.run_task("a1", "train", 1)
+
+
+async def test_an_agent_that_comes_back_in_time_gets_its_task() -> None:
+    async with FlareSite("site-1") as site:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        # The task arrives, but the connection drops before its acknowledgement is sent.
+        faulty.drop_before(lambda message: isinstance(message, TaskAck))
+        async with AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent:
+            async with anyio.create_task_group() as group:
+                results: list[TaskResult] = []
+
+                async def run() -> None:
+                    results.append(await site.run_task("a1", "train", 1))
+
+                group.start_soon(run)
+                task = await agent.get_task(timeout=5)
+                assert task is not None
+                assert await agent.submit_result(OK)
+                assert await agent.get_task(timeout=0.05) is None  # the resend is not a new task
+            assert len(results) == 1
+            assert faulty.connections == 2
+
+
+async def test_a_restarted_agent_gets_the_unfinished_task_again() -> None:
+    async with FlareSite("site-1") as site, anyio.create_task_group() as group:
+        url = await site.listen("memory://")
+        faulty = FaultyConnector(connector_for(url))
+        first = AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1", reconnect_timeout=0.01)
+        await first.start()
+        results: list[TaskResult] = []
+
+        async def run() -> None:
+            results.append(await site.run_task("a1", "train", 7))
+
+        group.start_soon(run)
+        assert await first.get_task(timeout=5) is not None
+        faulty.refuse_connections = True  # the first process dies with its task
+        await faulty.drop()
+        async with AsyncFlareAgent(url, agent_id="a1", site_name="site-1") as second:
+            task = await second.get_task(timeout=5)
+            assert task is not None and task.data == 7
+            assert await second.submit_result(TaskResult({}, {"by": "second"}))
+        await first.stop()
+    assert [result.data for result in results] == [{"by": "second"}]
+
+
+@pytest.mark.parametrize(
+    ("agent_options", "reason"),
+    [
+        ({"site_name": "site-2"}, "this is site 'site-1', not 'site-2'"),
+        ({"site_name": "site-1", "job_id": "job-9"}, "runs job 'job-1', not 'job-9'"),
+    ],
+)
+async def test_a_wrong_hello_is_rejected_with_a_clear_reason(
+    agent_options: dict[str, str], reason: str
+) -> None:
+    async with FlareSite("site-1", job_id="job-1") as site:
+        url = await site.listen("memory://")
+        agent = AsyncFlareAgent(url, agent_id="a1", **agent_options)
+        with pytest.raises(ConnectionRejected, match=reason):
+            await agent.start()
+        assert site.rejected_hellos == 1
+        with pytest.raises(AgentClosed):
+            await agent.get_task(timeout=1)
+
+
+async def test_a_wrong_protocol_version_is_rejected_naming_both_versions() -> None:
+    async with FlareSite("site-1") as site:
+        stream = await connector_for(await site.listen("memory://")).connect()
+        await stream.send(hello(protocol_version=99))
+        reject = await stream.receive()
+        assert isinstance(reject, Reject)
+        assert f"version 99, this site speaks version {PROTOCOL_VERSION}" in reject.reason
+        with pytest.raises(anyio.EndOfStream):
+            await stream.receive()
+        await stream.aclose()
+
+
+async def test_a_connection_that_does_not_say_hello_is_dropped() -> None:
+    async with FlareSite("site-1", hello_timeout=0.05) as site:
+        url = await site.listen("memory://")
+        silent = await connector_for(url).connect()
+        wrong = await connector_for(url).connect()
+        await wrong.send(TaskAck(task_id="x"))
+        reject = await wrong.receive()
+        assert isinstance(reject, Reject) and "expected a hello" in reject.reason
+        with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+            await silent.receive()
+        assert site.rejected_hellos == 2
+        await silent.aclose()
+        await wrong.aclose()
+
+
+async def test_a_result_for_a_task_not_assigned_to_the_agent_is_refused() -> None:
+    async with site_and_agent(agent_id="a1") as (site, agent), anyio.create_task_group() as group:
+        group.start_soon(partial(site.run_task, "a1", "train", 1, task_id="t-a1"))
+        assert await agent.get_task(timeout=5) is not None
+        intruder = await raw_agent(site._listeners[0].url, agent_id="intruder")
+        await intruder.send(Result(task_id="t-a1", return_code="OK", meta={}, data="forged"))
+        ack = await intruder.receive()
+        assert isinstance(ack, ResultAck) and not ack.accepted
+        assert "not assigned to agent 'intruder'" in ack.reason
+        assert await agent.submit_result(TaskResult({}, "genuine"))
+        await intruder.aclose()
+
+
+async def test_a_peer_that_breaks_the_protocol_loses_only_its_connection() -> None:
+    async with site_and_agent(agent_id="a1") as (site, agent), anyio.create_task_group() as group:
+        rogue = await raw_agent(site._listeners[0].url, agent_id="rogue")
+        await rogue.send(
+            Welcome(protocol_version=1, site_name="x", heartbeat_interval=1, heartbeat_timeout=2)
+        )
+        with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+            while True:
+                await rogue.receive()
+        await rogue.aclose()
+        group.start_soon(site.run_task, "a1", "train", 1)
+        assert await agent.get_task(timeout=5) is not None
+        assert await agent.submit_result(OK)
+
+
+async def test_a_second_connection_with_the_same_agent_id_replaces_the_first() -> None:
+    async with FlareSite("site-1") as site:
+        url = await site.listen("memory://")
+        first = await raw_agent(url, agent_id="a1")
+        second = await raw_agent(url, agent_id="a1")
+        with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+            await first.receive()
+        async with anyio.create_task_group() as group:
+            group.start_soon(partial(site.run_task, "a1", "train", 1, task_id="t1"))
+            assign = await second.receive()
+            assert isinstance(assign, TaskAssign) and assign.task_id == "t1"
+            await second.send(Result(task_id="t1", return_code="OK", meta={}, data=None))
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_log_records_reach_on_log() -> None:
+    records: list[LogRecord] = []
+    async with site_and_agent(site_options={"on_log": records.append}) as (site, agent):
+        async with anyio.create_task_group() as group:
+            group.start_soon(partial(site.run_task, "agent-1", "train", 1, task_id="t1"))
+            assert await agent.get_task(timeout=5) is not None
+            await agent.log("loss", 0.25, step=3)
+            assert await agent.submit_result(OK)
+    assert records == [LogRecord("agent-1", "loss", 0.25, 3, "t1")]
+
+
+async def test_leaving_the_site_says_goodbye_to_every_agent() -> None:
+    closed: list[str] = []
+    async with anyio.create_task_group() as group, FlareSite("site-1") as site:
+        url = await site.listen("memory://")
+
+        async def agent(agent_id: str) -> None:
+            async with AsyncFlareAgent(url, agent_id=agent_id, site_name="site-1") as flare:
+                with pytest.raises(AgentClosed, match="goodbye"):
+                    await flare.get_task()
+                closed.append(agent_id)
+
+        for n in range(3):
+            group.start_soon(agent, f"a{n}")
+        for n in range(3):
+            await site.wait_for_agent(f"a{n}", timeout=5)
+    assert sorted(closed) == ["a0", "a1", "a2"]
+
+
+async def test_fifty_agents_twenty_tasks_each_every_result_exactly_once() -> None:
+    agents, rounds = 50, 20
+    trained: Counter[str] = Counter()
+    results: Counter[str] = Counter()
+    async with anyio.create_task_group() as group, FlareSite("site-1") as site:
+        url = await site.listen("memory://")
+
+        async def trainer(agent_id: str) -> None:
+            async with AsyncFlareAgent(url, agent_id=agent_id, site_name="site-1") as agent:
+                async for task in agent.tasks():
+                    trained[task.task_id] += 1
+                    await agent.submit_result(TaskResult({}, {"echo": task.data}))
+
+        async def drive(agent_id: str) -> None:
+            await site.wait_for_agent(agent_id, timeout=10)
+            for n in range(rounds):
+                task_id = f"{agent_id}/{n}"
+                result = await site.run_task(agent_id, "train", task_id, task_id=task_id)
+                assert result.data == {"echo": task_id}
+                results[task_id] += 1
+
+        for n in range(agents):
+            group.start_soon(trainer, f"a{n}")
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as drivers:
+                for n in range(agents):
+                    drivers.start_soon(drive, f"a{n}")
+    expected = {f"a{a}/{n}" for a in range(agents) for n in range(rounds)}
+    assert set(results) == expected and set(results.values()) == {1}
+    assert set(trained) == expected and set(trained.values()) == {1}

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -181,6 +182,7 @@ class _FaultyStream(ObjectStream[Message]):
         self._handled: Callable[[], object] | None = None
 
     async def send(self, item: Message) -> None:
+        self._owner.sent[type(item).__name__] += 1
         decision = self._owner._decide(item)
         if decision == "drop_before":
             await self._inner.aclose()
@@ -195,6 +197,7 @@ class _FaultyStream(ObjectStream[Message]):
         if handled is not None:
             handled()
         message = await self._inner.receive()
+        self._owner.received[type(message).__name__] += 1
         self._handled = self._owner._callback_for(message)
         return message
 
@@ -221,7 +224,12 @@ class FaultyConnector(Connector):
         self._callbacks: list[tuple[Callable[[Message], bool], Callable[[], object]]] = []
         self._current: _FaultyStream | None = None
         self.connections = 0
+        """How many connections were made."""
         self.refuse_connections = False
+        self.sent: Counter[str] = Counter()
+        """Messages sent by the agent, by kind (``"Result"``, ``"Heartbeat"``, ...)."""
+        self.received: Counter[str] = Counter()
+        """Messages received by the agent, by kind."""
 
     def after_receive(
         self, predicate: Callable[[Message], bool], callback: Callable[[], object]

@@ -21,6 +21,7 @@ from flare_agent_async import (
 from flare_agent_async.protocol import (
     Abort,
     Bye,
+    Heartbeat,
     Log,
     Result,
     ResultAck,
@@ -531,3 +532,22 @@ async def test_stop_is_idempotent_and_a_stopped_agent_is_closed() -> None:
         await agent.stop()
         with pytest.raises(AgentClosed):
             await agent.get_task(timeout=1)
+
+
+async def test_an_idle_agent_keeps_its_connection_alive_with_heartbeats() -> None:
+    site_options = {"heartbeat_interval": 0.01, "heartbeat_timeout": 0.05}
+    async with FlareSite("site-1", **site_options) as site:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        async with AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent:
+            # Idle for many heartbeat timeouts: until the site answered 20 heartbeats.
+            twentieth = anyio.Event()
+            for n in range(20):
+                faulty.after_receive(
+                    lambda message: isinstance(message, Heartbeat),
+                    twentieth.set if n == 19 else lambda: None,
+                )
+            with anyio.fail_after(10):
+                await twentieth.wait()
+            assert faulty.connections == 1, "an idle connection was dropped"
+            assert site.agents == frozenset({"a1"})
+            assert agent.connected

@@ -64,13 +64,15 @@ class Connection:
         self._read_timeout = read_timeout
         self._idle_interval = idle_interval
         self._on_idle = on_idle
-        self._wakeup = anyio.Event()
+        self._wakeup: anyio.Event | None = None  # set while the writer waits
         self._scope = anyio.CancelScope()
         self._error: BaseException | None = None
 
     def wake(self) -> None:
         """Tell the writer there may be something to send."""
-        self._wakeup.set()
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
 
     def close(self) -> None:
         """End the connection now, without flushing."""
@@ -107,14 +109,15 @@ class Connection:
                 continue
             if self._finished():
                 return
-            wakeup = self._wakeup
+            wakeup = self._wakeup = anyio.Event()
             interval = self._idle_interval()
-            with anyio.move_on_after(math.inf if interval is None else interval) as idle:
+            if interval is None:
+                await wakeup.wait()
+                continue
+            with anyio.move_on_after(interval) as idle:
                 await wakeup.wait()
             if idle.cancelled_caught:
                 self._on_idle()
-            else:
-                self._wakeup = anyio.Event()
 
     async def _read(self) -> None:
         stream = self.stream
@@ -123,6 +126,6 @@ class Connection:
                 liveness.deadline = anyio.current_time() + self._read_timeout()
                 message = await stream.receive()
                 self._handle(message)
-                self._wakeup.set()
+                self.wake()
         timeout = self._read_timeout()
         raise PeerSilent(f"nothing arrived from the peer for {timeout:g} s")

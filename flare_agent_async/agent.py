@@ -175,7 +175,6 @@ class AsyncFlareAgent:
     async def _enter(self, *, exit_on_stop: bool) -> None:
         if self._group is not None or self._stopped:
             raise CallStateError("the agent was already started; create a new one to start again")
-        self._changed = anyio.Event()
         self._run_done = anyio.Event()
         self._exit_on_stop = exit_on_stop
         self._host_task = anyio.get_current_task().id
@@ -212,11 +211,10 @@ class AsyncFlareAgent:
         self._check_started()
         with anyio.move_on_after(seconds):
             while True:
-                changed = self._changed_event()
                 task = self._protocol.fetch_task()
                 if task is not None:
                     return task
-                await changed.wait()
+                await self._wait_changed()
         return None
 
     async def submit_result(self, result: TaskResult) -> bool:
@@ -276,18 +274,17 @@ class AsyncFlareAgent:
         if self._group is None:
             raise CallStateError("the agent is not started: use 'async with agent' or start()")
 
-    def _changed_event(self) -> anyio.Event:
-        assert self._changed is not None
-        return self._changed
-
     async def _wait_changed(self) -> None:
-        await self._changed_event().wait()
+        """Wait for the next change of state (an event is made only when someone waits)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
 
     def _notify(self) -> None:
         """Wake everyone waiting for a change of state."""
-        changed = self._changed_event()
-        self._changed = anyio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     def _wake_writer(self) -> None:
         if self._connection is not None:

@@ -112,7 +112,6 @@ class FlareSite:
     async def __aenter__(self) -> Self:
         if self._group is not None:
             raise CallStateError("the site is already running")
-        self._changed = anyio.Event()
         group = anyio.create_task_group()
         await group.__aenter__()
         self._group = group
@@ -244,13 +243,15 @@ class FlareSite:
         return session
 
     async def _wait_changed(self) -> None:
-        assert self._changed is not None
+        """Wait for the next change (an agent came or went); an event is made only on demand."""
+        if self._changed is None:
+            self._changed = anyio.Event()
         await self._changed.wait()
 
     def _notify(self) -> None:
-        assert self._changed is not None
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     def _wake(self, agent_id: str) -> None:
         connection = self._connections.get(agent_id)

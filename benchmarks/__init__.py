@@ -1,0 +1,1 @@
+"""Benchmarks of flare_agent_async: ``python -m benchmarks``."""

@@ -6,7 +6,6 @@ heartbeats and the liveness deadline are written once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 
 import anyio

@@ -264,6 +264,14 @@ class FlareSite:
             if waiter is not None:
                 waiter.set()
 
+    def _deliver_log(self, record: LogRecord) -> None:
+        if self._on_log is None:
+            return
+        try:
+            self._on_log(record)
+        except Exception:
+            logger.exception("on_log failed for a record from agent %s", record.agent_id)
+
     async def _serve_connection(self, stream: MessageStream) -> None:
         """Serve one connection from hello to end; errors end only this connection."""
         try:
@@ -272,6 +280,9 @@ class FlareSite:
                 await self._serve_agent(stream, hello)
         except CONNECTION_ERRORS as exc:
             logger.info("connection ended: %s", exc)
+        except Exception:
+            # A bug must cost one connection, never the site and its other agents.
+            logger.exception("closed a connection after an unexpected error")
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
@@ -322,8 +333,7 @@ class FlareSite:
                 if isinstance(event, TaskFinished):
                     self._finished([event.task])
                 elif isinstance(event, LogReceived):
-                    if self._on_log is not None:
-                        self._on_log(event.record)
+                    self._deliver_log(event.record)
                 elif isinstance(event, ResultRefused):
                     logger.warning("refused a result from agent %s: %s", agent_id, event.reason)
             if session.state is SessionState.GONE:

@@ -401,3 +401,19 @@ async def test_fifty_agents_twenty_tasks_each_every_result_exactly_once() -> Non
     expected = {f"a{a}/{n}" for a in range(agents) for n in range(rounds)}
     assert set(results) == expected and set(results.values()) == {1}
     assert set(trained) == expected and set(trained.values()) == {1}
+
+
+async def test_an_on_log_callback_that_raises_costs_nothing_but_a_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(record: LogRecord) -> None:
+        raise ValueError("callback bug")
+
+    async with site_and_agent(site_options={"on_log": broken}) as (site, agent):
+        async with anyio.create_task_group() as group:
+            group.start_soon(site.run_task, "agent-1", "train", 1)
+            assert await agent.get_task(timeout=5) is not None
+            await agent.log("loss", 1.0)
+            assert await agent.submit_result(OK)
+        assert site.agents == frozenset({"agent-1"})
+    assert "on_log failed" in caplog.text and "callback bug" in caplog.text

@@ -45,7 +45,7 @@ def _find_reference() -> Path | None:
     if os.environ.get(REFERENCE_ENV):
         return Path(os.environ[REFERENCE_ENV])
     for candidate in (
-        _HERE.parent / "spec" / REFERENCE_NAME,  # inside the repository
+        _HERE / "data" / REFERENCE_NAME,  # inside the repository
         _HERE.parent.parent / "shared" / "spec" / REFERENCE_NAME,  # next to it, with DESIGN.md
     ):
         if candidate.is_file():

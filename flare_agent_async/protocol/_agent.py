@@ -47,6 +47,7 @@ from ._messages import (
     TaskAssign,
     Welcome,
 )
+from ._payload import InvalidPayload
 from ._util import RecentIds
 
 __all__ = [
@@ -123,6 +124,8 @@ Event = Welcomed | Rejected | TaskArrived | TaskAborted | BadTask | Settled | Cl
 
 def _task_data_problem(message: TaskAssign) -> str | None:
     """Why a task's fields cannot be handed to a trainer, or None if they can."""
+    if isinstance(message.data, InvalidPayload):
+        return message.data.reason
     # A decoder checks these types; objects from the memory transport arrive unchecked.
     task_name: object = message.task_name
     meta: object = message.meta

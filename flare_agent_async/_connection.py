@@ -79,12 +79,14 @@ class Connection:
 
     async def run(self) -> BaseException | None:
         """Run until the connection ends; returns the error that ended it, None if it finished."""
-        with self._scope:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._guard, self._write, group.cancel_scope)
-                group.start_soon(self._guard, self._read, group.cancel_scope)
-        with anyio.CancelScope(shield=True):
-            await self.stream.aclose()
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._guard, self._write, group.cancel_scope)
+                    group.start_soon(self._guard, self._read, group.cancel_scope)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.stream.aclose()
         if self._error is None and self._scope.cancel_called and not self._finished():
             self._error = TransportError("the connection was closed")
         return self._error
@@ -100,11 +102,13 @@ class Connection:
 
     async def _write(self) -> None:
         stream = self.stream
+        last_sent = anyio.current_time()
         while True:
             messages = self._data_to_send()
             for message in messages:
                 await stream.send(message)
             if messages:
+                last_sent = anyio.current_time()
                 continue
             if self._finished():
                 return
@@ -113,7 +117,8 @@ class Connection:
             if interval is None:
                 await wakeup.wait()
                 continue
-            with anyio.move_on_after(interval) as idle:
+            # Idle means nothing sent for an interval, however much was received meanwhile.
+            with anyio.CancelScope(deadline=last_sent + interval) as idle:
                 await wakeup.wait()
             if idle.cancelled_caught:
                 self._on_idle()

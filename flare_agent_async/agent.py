@@ -109,7 +109,9 @@ class AsyncFlareAgent:
         self._connection: Connection | None = None
         self._failure: BaseException | None = None
         self._stopped = False
-        self._run_scope = anyio.CancelScope()
+        # Shielded: the connection outlives a cancelled ``async with`` body until stop() ends it,
+        # so results submitted in that body are still delivered.
+        self._run_scope = anyio.CancelScope(shield=True)
         self._run_done: anyio.Event
         self._exit_on_stop = False
         self._host_task = 0
@@ -139,19 +141,23 @@ class AsyncFlareAgent:
     async def stop(self) -> None:
         """Stop the agent: wait (up to ``close_timeout``) for submitted results, then say goodbye.
 
-        Blocked `get_task` calls raise `AgentClosed`. Safe to call from any task of the agent's
-        event loop, and more than once.
+        Blocked `get_task` calls raise `AgentClosed`; a `submit_result` still waiting returns
+        False. It can be called more than once, and from any task of the agent's event loop: from
+        another task it closes the agent, and the task that called `start` still calls `stop` to
+        finish.
         """
         if self._group is None:
             self._stopped = True
             return
         if not self._stopped:
             self._stopped = True
-            with anyio.move_on_after(self._close_timeout, shield=True):
+            deadline = anyio.current_time() + self._close_timeout
+            with anyio.CancelScope(deadline=deadline, shield=True):
                 while self._protocol.unsettled and self._protocol.state is not AgentState.CLOSED:
                     await self._wait_changed()
-                self._close("the agent stopped")
-                if self._connection is not None:
+            self._close("the agent stopped")
+            if self._connection is not None:
+                with anyio.CancelScope(deadline=deadline, shield=True):
                     await self._run_done.wait()  # the goodbye is sent
             self._run_scope.cancel()
         with anyio.CancelScope(shield=True):
@@ -201,6 +207,8 @@ class AsyncFlareAgent:
         """Wait for the next task, up to ``timeout`` seconds (None: until one arrives).
 
         Cancelling the call loses nothing: a task that arrives stays queued for the next call.
+        One caller at a time: when a task arrives, concurrent callers other than the one that
+        gets it raise `CallStateError`.
 
         :returns: the task, or None if none arrived in time.
         :raises AgentClosed: the agent is closed (stopped, the site said goodbye or is gone).
@@ -305,6 +313,7 @@ class AsyncFlareAgent:
             with self._run_scope:
                 await self._run(task_status=task_status)
         finally:
+            self._close("the agent stopped")  # nothing waits on a state that cannot change
             self._run_done.set()
 
     async def _run(self, *, task_status: TaskStatus[None]) -> None:
@@ -330,6 +339,10 @@ class AsyncFlareAgent:
         self, stream: MessageStream, task_status: TaskStatus[None] | None
     ) -> BaseException | None:
         protocol = self._protocol
+        if protocol.state is AgentState.CLOSED:  # stopped while the connection was being made
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            return None
 
         def handle(message: Message) -> None:
             try:

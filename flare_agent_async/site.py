@@ -125,6 +125,7 @@ class FlareSite:
     ) -> bool | None:
         group = self._running()
         self._closing = True
+        self._notify()
         with anyio.CancelScope(shield=True):
             for listener in self._listeners:
                 await listener.aclose()
@@ -163,6 +164,8 @@ class FlareSite:
         with anyio.fail_after(timeout):
             while agent_id not in self.agents:
                 await self._wait_changed()
+                if self._closing:
+                    raise CallStateError(f"the site closed while waiting for agent {agent_id!r}")
 
     async def run_task(
         self,
@@ -219,12 +222,11 @@ class FlareSite:
         """
         self._running()
         task = self._session(agent_id).abort(task_id)
+        if task is not None:
+            self._finished([task])
+            self._wake(agent_id)
         await anyio.lowlevel.checkpoint()
-        if task is None:
-            return False
-        self._finished([task])
-        self._wake(agent_id)
-        return True
+        return task is not None
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -367,7 +369,11 @@ class FlareSite:
         """Give up on a disconnected agent after ``reconnect_timeout``, unless it returns."""
         with scope:
             await anyio.sleep(self._reconnect_timeout)
-            del self._expiries[session.agent_id]
+        # A reconnect in the same instant may have cancelled the scope too late to stop the sleep.
+        if scope.cancel_called or self._expiries.get(session.agent_id) is not scope:
+            return
+        del self._expiries[session.agent_id]
+        if session.state is SessionState.DISCONNECTED:
             reason = f"it did not reconnect within {self._reconnect_timeout:g} s"
             logger.warning("agent %s is gone: %s", session.agent_id, reason)
             self._finished(session.give_up(reason))

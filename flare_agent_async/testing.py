@@ -214,7 +214,8 @@ class FaultyConnector(Connector):
     ``drop_before(predicate)`` closes the connection instead of sending the next message for
     which ``predicate(message)`` is true; ``drop_after`` sends it first; ``after_receive`` runs a
     callback right after a message was handled. Each rule fires once. `drop` closes the current
-    connection at once; setting ``refuse_connections`` makes ``connect`` fail.
+    connection at once; setting ``refuse_connections`` makes ``connect`` fail, and a
+    ``connect_gate`` event holds new connections until it is set.
     """
 
     def __init__(self, inner: Connector) -> None:
@@ -226,6 +227,8 @@ class FaultyConnector(Connector):
         self.connections = 0
         """How many connections were made."""
         self.refuse_connections = False
+        self.connect_gate: anyio.Event | None = None
+        """When set, a connection is made but handed over only once this event is set."""
         self.sent: Counter[str] = Counter()
         """Messages sent by the agent, by kind (``"Result"``, ``"Heartbeat"``, ...)."""
         self.received: Counter[str] = Counter()
@@ -269,9 +272,17 @@ class FaultyConnector(Connector):
         if self.refuse_connections:
             await anyio.lowlevel.checkpoint()
             raise TransportError(f"connection to {self.url} refused by the test")
-        self._current = _FaultyStream(await self._inner.connect(), self)
+        stream = _FaultyStream(await self._inner.connect(), self)
         self.connections += 1
-        return self._current
+        if self.connect_gate is not None:
+            try:
+                await self.connect_gate.wait()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+        self._current = stream
+        return stream
 
 
 def message_kinds(messages: Sequence[Message]) -> list[str]:

@@ -27,9 +27,10 @@ from flare_agent_async.protocol import (
     ResultAck,
     TaskAck,
     TaskAssign,
+    Welcome,
 )
 from flare_agent_async.testing import FaultyConnector, ScriptedPeer, site_and_agent
-from flare_agent_async.transports import connector_for
+from flare_agent_async.transports import MessageStream, connector_for
 
 pytestmark = pytest.mark.anyio
 
@@ -40,6 +41,15 @@ def assign(task_id: str, data: object = None, meta: object = None) -> TaskAssign
     return TaskAssign(
         task_id=task_id, task_name="train", meta=meta if meta is not None else {}, data=data
     )  # type: ignore[arg-type]
+
+
+async def drain_until_closed(stream: MessageStream) -> None:
+    """Receive until the peer closes the connection."""
+    try:
+        while True:
+            await stream.receive()
+    except anyio.EndOfStream:
+        return
 
 
 async def test_get_task_before_start_is_a_call_state_error() -> None:
@@ -551,3 +561,86 @@ async def test_an_idle_agent_keeps_its_connection_alive_with_heartbeats() -> Non
             assert faulty.connections == 1, "an idle connection was dropped"
             assert site.agents == frozenset({"a1"})
             assert agent.connected
+
+
+async def test_stop_is_bounded_when_the_site_never_acknowledges() -> None:
+    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
+        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1", close_timeout=0.05)
+        stream = await peer.start_agent(agent, group)
+        await stream.send(assign("t1"))
+        assert await agent.get_task(timeout=5) is not None
+        outcome: list[bool] = []
+
+        async def submit() -> None:
+            outcome.append(await agent.submit_result(OK))
+
+        group.start_soon(submit)
+        await peer.receive_until(stream, Result)  # and never acknowledged
+        await agent.stop()
+        with anyio.fail_after(5):
+            await drain_until_closed(stream)  # the agent closed its connection
+            await anyio.wait_all_tasks_blocked()
+        assert outcome == [False]
+        with pytest.raises(AgentClosed):
+            await agent.get_task(timeout=1)
+
+
+async def test_a_result_submitted_in_a_cancelled_body_is_still_delivered() -> None:
+    async with FlareSite("site-1") as site, anyio.create_task_group() as group:
+        url = await site.listen("memory://")
+        results: list[TaskResult] = []
+
+        async def run() -> None:
+            results.append(await site.run_task("a1", "train", 1))
+
+        with anyio.CancelScope() as body:
+            async with AsyncFlareAgent(url, agent_id="a1", site_name="site-1") as agent:
+                group.start_soon(run)
+                assert await agent.get_task(timeout=5) is not None
+                body.cancel()
+                await agent.submit_result(TaskResult({}, {"delivered": True}))
+        with anyio.fail_after(5):
+            while not results:
+                await anyio.wait_all_tasks_blocked()
+        assert results[0].data == {"delivered": True}
+        assert site.agents == frozenset()  # and the agent said goodbye
+
+
+async def test_stop_in_the_instant_a_reconnect_completes() -> None:
+    async with FlareSite("site-1") as site:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        with anyio.fail_after(5):
+            async with AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent:
+                faulty.connect_gate = anyio.Event()
+                await faulty.drop()
+                await anyio.wait_all_tasks_blocked()  # reconnecting: held at the gate
+                assert not agent.connected
+                faulty.connect_gate.set()  # the connection is made ...
+                await agent.stop()  # ... as the trainer stops
+        assert faulty.connections == 2
+        await anyio.wait_all_tasks_blocked()
+        assert site.agents == frozenset()
+
+
+async def test_an_abort_lost_with_the_connection_still_reaches_the_agent() -> None:
+    async with FlareSite("site-1") as site, anyio.create_task_group() as group:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        async with AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent:
+            aborted: list[TaskAborted] = []
+
+            async def run() -> None:
+                with pytest.raises(TaskAborted) as info:
+                    await site.run_task("a1", "train", 1, task_id="t1")
+                aborted.append(info.value)
+
+            group.start_soon(run)
+            await anyio.wait_all_tasks_blocked()  # t1 is pending at the agent
+            arrived = anyio.Event()
+            faulty.after_receive(lambda message: isinstance(message, Welcome), arrived.set)
+            await faulty.drop()  # the connection breaks ...
+            assert await site.abort_task("a1", "t1")  # ... as the site aborts the task
+            with anyio.fail_after(5):
+                await arrived.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert len(aborted) == 1
+            assert await agent.get_task(timeout=0.05) is None

@@ -24,6 +24,7 @@ Guarantees:
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,7 +160,9 @@ class SiteSession:
     _tasks: dict[str, SiteTask] = field(default_factory=dict, init=False)
     #: Finished task ids, each with why a resent result is refused ("" if it was kept).
     _finished: RecentIds[str] = field(default_factory=RecentIds, init=False)
-    _unsent_aborts: list[str] = field(default_factory=list, init=False)
+    #: Recently aborted task ids: their aborts are sent again on every new connection, since one
+    #: lost with a connection would let the agent start on a task the site no longer wants.
+    _recent_aborts: deque[str] = field(default_factory=lambda: deque(maxlen=16), init=False)
     _outbox: list[Message] = field(default_factory=list, init=False)
 
     # -- connections ------------------------------------------------------------------------------
@@ -183,8 +186,7 @@ class SiteSession:
                 heartbeat_timeout=config.heartbeat_timeout,
             )
         ]
-        self._outbox.extend(Abort(task_id=task_id) for task_id in self._unsent_aborts)
-        self._unsent_aborts.clear()
+        self._outbox.extend(Abort(task_id=task_id) for task_id in self._recent_aborts)
         for task in self._tasks.values():
             if restarted or not task.acked:
                 task.acked = False
@@ -234,10 +236,9 @@ class SiteSession:
 
     def _abort(self, task: SiteTask, error: SiteError) -> SiteTask:
         self._finish(task, error=error)
+        self._recent_aborts.append(task.task_id)
         if self.state is SessionState.CONNECTED:
             self._outbox.append(Abort(task_id=task.task_id))
-        else:
-            self._unsent_aborts.append(task.task_id)
         return task
 
     def _finish(

@@ -402,10 +402,20 @@ def test_abort_while_disconnected_is_delivered_after_next_connection() -> None:
     assert session.data_to_send() == []
     session.connection_made(hello())
     assert session.data_to_send() == [WELCOME, Abort(task_id="t1")]
-    # Delivered once only.
+
+
+def test_an_abort_lost_with_its_connection_is_sent_again() -> None:
+    session = connected_session()
+    assign(session, "t1")
+    session.receive(TaskAck(task_id="t1"))
+    session.abort("t1")
+    session.connection_lost()  # the Abort was queued, never sent
+    session.connection_made(hello())
+    assert session.data_to_send() == [WELCOME, Abort(task_id="t1")]
+    # Recent aborts go with every new connection: the agent ignores ids it has finished.
     session.connection_lost()
     session.connection_made(hello())
-    assert session.data_to_send() == [WELCOME]
+    assert session.data_to_send() == [WELCOME, Abort(task_id="t1")]
 
 
 def test_supersede_while_disconnected_sends_abort_then_new_task() -> None:

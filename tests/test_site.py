@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from functools import partial
 
 import anyio
 import pytest
+from anyio.abc import ObjectStream
 
 from flare_agent_async import (
     AgentClosed,
@@ -24,6 +26,7 @@ from flare_agent_async import (
 from flare_agent_async.protocol import (
     PROTOCOL_VERSION,
     Hello,
+    Message,
     Reject,
     Result,
     ResultAck,
@@ -32,7 +35,12 @@ from flare_agent_async.protocol import (
     Welcome,
 )
 from flare_agent_async.testing import FaultyConnector, site_and_agent
-from flare_agent_async.transports import MessageStream, connector_for
+from flare_agent_async.transports import (
+    MemoryListener,
+    MessageStream,
+    connector_for,
+    memory_stream_pair,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -417,3 +425,82 @@ async def test_an_on_log_callback_that_raises_costs_nothing_but_a_log_line(
             assert await agent.submit_result(OK)
         assert site.agents == frozenset({"agent-1"})
     assert "on_log failed" in caplog.text and "callback bug" in caplog.text
+
+
+async def test_a_cancelled_abort_task_still_ends_run_task() -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+        outcome: list[TaskAborted] = []
+
+        async def run() -> None:
+            with pytest.raises(TaskAborted) as info:
+                await site.run_task("agent-1", "train", 1, task_id="t1")
+            outcome.append(info.value)
+
+        group.start_soon(run)
+        assert await agent.get_task(timeout=5) is not None
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await site.abort_task("agent-1", "t1")
+        with anyio.fail_after(5):
+            while not outcome:
+                await anyio.wait_all_tasks_blocked()
+
+
+async def test_wait_for_agent_ends_when_the_site_closes() -> None:
+    errors: list[CallStateError] = []
+    async with anyio.create_task_group() as group, FlareSite("site-1") as site:
+
+        async def wait() -> None:
+            with pytest.raises(CallStateError, match="closed while waiting") as info:
+                await site.wait_for_agent("never")
+            errors.append(info.value)
+
+        group.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+    assert len(errors) == 1
+
+
+class _LateHello(ObjectStream[Message]):
+    """The site's end of a connection whose hello arrives at a set time."""
+
+    def __init__(self, inner: MessageStream, at: float) -> None:
+        self._inner, self._at, self._first = inner, at, True
+
+    async def receive(self) -> Message:
+        if self._first:
+            self._first = False
+            await anyio.sleep_until(self._at)
+            return hello("a1")
+        return await self._inner.receive()
+
+    async def send(self, item: Message) -> None:
+        await self._inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_reconnect_in_the_instant_of_the_expiry_keeps_the_site_and_the_agent() -> None:
+    listener = MemoryListener()
+    async with FlareSite("site-1", reconnect_timeout=0.2) as site:
+        await site.listen(listener)
+        first = await connector_for(listener.url).connect()
+        await first.send(hello("a1"))
+        assert isinstance(await first.receive(), Welcome)
+        await first.aclose()  # disconnected: the expiry timer starts
+        await anyio.wait_all_tasks_blocked()
+        mine, theirs = memory_stream_pair()
+        listener._accept_send.send_nowait(_LateHello(theirs, anyio.current_time() + 0.05))
+        await anyio.wait_all_tasks_blocked()
+        # Block the loop until both the hello's and the expiry's timers are due, so that they
+        # fire in one iteration: the reconnect cancels an expiry whose sleep already ended.
+        time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop is the point
+        with anyio.fail_after(5):
+            assert isinstance(await mine.receive(), Welcome)
+            await anyio.wait_all_tasks_blocked()
+        assert site.agents == frozenset({"a1"})
+        await mine.aclose()

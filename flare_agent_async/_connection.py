@@ -12,7 +12,7 @@ import anyio
 
 from .exceptions import ProtocolError, TransportError
 from .protocol import Message
-from .transports import MessageStream
+from .transports import FramedMessageStream, MessageStream, Progress
 
 __all__ = ["CONNECTION_ERRORS", "Connection", "PeerSilent"]
 
@@ -41,7 +41,8 @@ class Connection:
     * the writer sends whatever ``data_to_send()`` returns, in order; when nothing was sent for
       ``idle_interval()`` seconds it calls ``on_idle()`` (which queues a heartbeat, say);
     * the reader hands every message to ``handle`` and wakes the writer; if nothing arrives for
-      ``read_timeout()`` seconds the peer is declared silent;
+      ``read_timeout()`` seconds (not a message, not a byte of one, and no send the peer made
+      room for) the peer is declared silent;
     * once ``finished()`` is true, the writer flushes what is left and the connection ends.
     """
 
@@ -55,6 +56,7 @@ class Connection:
         read_timeout: Callable[[], float],
         idle_interval: Callable[[], float | None] = lambda: None,
         on_idle: Callable[[], None] = _never,
+        on_progress: Callable[[Progress], object] | None = None,
     ) -> None:
         self.stream = stream
         self._data_to_send = data_to_send
@@ -65,7 +67,17 @@ class Connection:
         self._on_idle = on_idle
         self._wakeup: anyio.Event | None = None  # set while the writer waits
         self._scope = anyio.CancelScope()
+        self._liveness: anyio.CancelScope | None = None
         self._error: BaseException | None = None
+        if isinstance(stream, FramedMessageStream):
+            # Liveness counts bytes: a large frame still moving keeps the peer alive.
+            stream.on_activity = self._alive
+            stream.on_progress = on_progress
+
+    def _alive(self) -> None:
+        liveness = self._liveness
+        if liveness is not None:
+            liveness.deadline = anyio.current_time() + self._read_timeout()
 
     def wake(self) -> None:
         """Tell the writer there may be something to send."""
@@ -126,6 +138,7 @@ class Connection:
     async def _read(self) -> None:
         stream = self.stream
         with anyio.CancelScope() as liveness:
+            self._liveness = liveness
             while True:
                 liveness.deadline = anyio.current_time() + self._read_timeout()
                 message = await stream.receive()

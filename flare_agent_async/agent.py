@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -33,17 +35,36 @@ from .protocol import (
     AgentProtocol,
     AgentState,
     BadTask,
+    Limits,
     Message,
     Rejected,
     Settled,
     TaskAborted,
     Welcomed,
+    check_payload,
 )
-from .transports import Connector, MessageStream, connector_for
+from .transports import Connector, MessageStream, Progress, connector_for
 
-__all__ = ["AsyncFlareAgent", "check_timeout"]
+__all__ = ["AsyncFlareAgent", "as_secret", "check_timeout"]
 
 logger = logging.getLogger("flare_agent_async.agent")
+
+
+def as_secret(secret: bytes | str | None) -> bytes | None:
+    """A shared secret as bytes (str is encoded as UTF-8).
+
+    :raises TypeError: it is neither bytes nor str.
+    :raises ValueError: it is empty.
+    """
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, bytes):
+        raise TypeError(f"a secret must be bytes or str, got {type(secret).__name__}")
+    if not secret:
+        raise ValueError("a secret must not be empty")
+    return secret
 
 
 def check_timeout(timeout: float | None) -> float:
@@ -71,14 +92,21 @@ class AsyncFlareAgent:
             async for task in agent.tasks():
                 await agent.submit_result(TaskResult({}, train(task.data)))
 
-    :param site: the site's URL (``memory://``, ...) or a `Connector`.
+    :param site: the site's URL (``tcp://host:port``, ``unix:///path``, ``tls://host:port``,
+        ``memory://name``) or a `Connector`.
     :param agent_id: this agent's id; a restarted agent uses the same id.
     :param site_name: the site's name, checked by the site.
     :param job_id: the job this agent serves, checked by the site when given.
+    :param secret: a secret shared with the site: each side proves to the other that it knows it
+        (an HMAC challenge; the secret never crosses the wire).
+    :param ssl_context: for ``tls://``: what to trust, and the client certificate for mutual TLS
+        (see `flare_agent_async.tls.client_context`).
+    :param limits: the largest frames this agent accepts.
     :param connect_timeout: how long `start` tries to connect before it gives up, in seconds.
     :param reconnect_timeout: how long a dropped connection is retried before the agent closes.
     :param close_timeout: how long `stop` waits for submitted results to be acknowledged.
     :param max_backoff: the longest wait between two connection attempts, in seconds.
+    :param on_progress: called with a `Progress` as large tasks and results move.
     """
 
     def __init__(
@@ -88,17 +116,24 @@ class AsyncFlareAgent:
         agent_id: str,
         site_name: str,
         job_id: str | None = None,
+        secret: bytes | str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: Limits | None = None,
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 60.0,
         close_timeout: float = 10.0,
         max_backoff: float = 2.0,
+        on_progress: Callable[[Progress], object] | None = None,
     ) -> None:
         if not isinstance(agent_id, str) or not agent_id:
             raise ValueError(f"agent_id must be a non-empty str, got {agent_id!r}")
         if not isinstance(site_name, str) or not site_name:
             raise ValueError(f"site_name must be a non-empty str, got {site_name!r}")
-        self._connector = connector_for(site)
-        self._protocol = AgentProtocol(agent_id, site_name, job_id, instance_id=uuid.uuid4().hex)
+        self._connector = connector_for(site, ssl_context=ssl_context, limits=limits)
+        self._protocol = AgentProtocol(
+            agent_id, site_name, job_id, instance_id=uuid.uuid4().hex, secret=as_secret(secret)
+        )
+        self._on_progress = on_progress
         self._connect_timeout = connect_timeout
         self._reconnect_timeout = reconnect_timeout
         self._close_timeout = close_timeout
@@ -237,6 +272,9 @@ class AsyncFlareAgent:
         :raises CallStateError: no task was fetched, or its result was already submitted.
         """
         self._check_started()
+        if isinstance(result, TaskResult):
+            check_payload(result.meta, "result.meta")  # TypeError before anything changes
+            check_payload(result.data, "result.data")
         submission = self._protocol.submit(result)
         if submission is None:
             return False
@@ -255,6 +293,7 @@ class AsyncFlareAgent:
         :raises AgentClosed: the agent is closed.
         """
         self._check_started()
+        check_payload(value, f"log value {key!r}")
         self._protocol.log(key, value, step)
         self._wake_writer()
         await anyio.lowlevel.checkpoint()
@@ -384,8 +423,9 @@ class AsyncFlareAgent:
             read_timeout=read_timeout,
             idle_interval=lambda: protocol.heartbeat_interval,
             on_idle=protocol.heartbeat,
+            on_progress=self._on_progress,
         )
-        protocol.connection_made()
+        protocol.connection_made(os.urandom(16))
         self._connection = connection
         try:
             return await connection.run()

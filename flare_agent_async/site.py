@@ -8,8 +8,11 @@ the `run_task` calls whose tasks finished.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -18,13 +21,17 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from ._connection import CONNECTION_ERRORS, Connection
+from .agent import as_secret
 from .defs import TaskResult
 from .exceptions import CallStateError, UnknownAgent
 from .protocol import (
+    Challenge,
     Hello,
+    Limits,
     LogReceived,
     LogRecord,
     Message,
+    Proof,
     Reject,
     ResultRefused,
     SessionState,
@@ -32,9 +39,13 @@ from .protocol import (
     SiteSession,
     SiteTask,
     TaskFinished,
+    agent_proof,
     check_hello,
+    check_payload,
+    site_proof,
+    verify,
 )
-from .transports import MessageListener, MessageStream, create_listener
+from .transports import MessageListener, MessageStream, Progress, create_listener
 
 __all__ = ["FlareSite", "LogRecord"]
 
@@ -59,7 +70,11 @@ class FlareSite:
         before they fail with `AgentGone`.
     :param hello_timeout: how long a new connection may take to say hello.
     :param close_timeout: how long leaving the ``async with`` waits to say goodbye to agents.
+    :param secret: a secret every agent must prove it knows (and the site proves back), or a
+        mapping from agent id to its own secret; an agent id missing from it is refused.
+    :param limits: the largest frames the site accepts from an agent.
     :param on_log: called with every `LogRecord` agents send, in the site's event loop.
+    :param on_progress: called with ``(agent_id, Progress)`` as large tasks and results move.
     """
 
     def __init__(
@@ -72,13 +87,27 @@ class FlareSite:
         reconnect_timeout: float = 60.0,
         hello_timeout: float = 10.0,
         close_timeout: float = 5.0,
+        secret: bytes | str | Mapping[str, bytes | str] | None = None,
+        limits: Limits | None = None,
         on_log: Callable[[LogRecord], object] | None = None,
+        on_progress: Callable[[str, Progress], object] | None = None,
     ) -> None:
         if not isinstance(site_name, str) or not site_name:
             raise ValueError(f"site_name must be a non-empty str, got {site_name!r}")
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         self._config = SiteConfig(site_name, job_id, heartbeat_interval, heartbeat_timeout)
+        self._secrets: bytes | dict[str, bytes] | None
+        if secret is None or isinstance(secret, (bytes, str)):
+            self._secrets = as_secret(secret)
+        else:
+            self._secrets = {}
+            for agent_id, agent_secret in secret.items():
+                checked = as_secret(agent_secret)
+                assert checked is not None
+                self._secrets[agent_id] = checked
+        self._limits = limits
+        self._on_progress = on_progress
         self._reconnect_timeout = reconnect_timeout
         self._hello_timeout = hello_timeout
         self._close_timeout = close_timeout
@@ -92,7 +121,9 @@ class FlareSite:
         self._listeners: list[MessageListener] = []
         self._closing = False
         self.rejected_hellos = 0
-        """How many connections were refused at the hello."""
+        """How many connections were refused at the hello (failed authentications included)."""
+        self.failed_authentications = 0
+        """How many agents did not prove the shared secret."""
 
     @property
     def site_name(self) -> str:
@@ -140,14 +171,19 @@ class FlareSite:
         group.cancel_scope.cancel()
         return await group.__aexit__(exc_type, exc, tb)
 
-    async def listen(self, target: str | MessageListener) -> str:
+    async def listen(
+        self, target: str | MessageListener, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
         """Accept agents at a URL (or with a listener); returns the bound URL.
 
-        :raises ValueError: the URL's scheme is unknown.
+        ``tcp://127.0.0.1:0`` picks a free port; ``tls://`` needs a server ``ssl_context`` (see
+        `flare_agent_async.tls.server_context`; with ``client_ca``, agents need certificates).
+
+        :raises ValueError: the URL's scheme is unknown, or an option it needs is missing.
         :raises TransportError: the address cannot be bound.
         """
         group = self._running()
-        listener = await create_listener(target)
+        listener = await create_listener(target, ssl_context=ssl_context, limits=self._limits)
         self._listeners.append(listener)
         group.start_soon(listener.serve, self._serve_connection, group)
         logger.info("site %s listening at %s", self.site_name, listener.url)
@@ -188,12 +224,15 @@ class FlareSite:
         :raises TaskAborted: the task was aborted (`abort_task`, or a newer task).
         :raises TimeoutError: no result within ``timeout`` seconds (the task is aborted).
         :raises ValueError: ``task_id`` is already used for this agent.
+        :raises TypeError: ``data`` or ``meta`` holds something that cannot be sent.
         """
         self._running()
         if not isinstance(task_name, str):
             raise TypeError(f"task_name must be str, got {type(task_name).__name__}")
         if meta is not None and not isinstance(meta, dict):
             raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+        check_payload(meta, "meta")
+        check_payload(data, "data")
         session = self._session(agent_id)
         task, superseded = session.assign(task_id or uuid.uuid4().hex, task_name, meta or {}, data)
         self._finished(superseded)
@@ -277,9 +316,9 @@ class FlareSite:
     async def _serve_connection(self, stream: MessageStream) -> None:
         """Serve one connection from hello to end; errors end only this connection."""
         try:
-            hello = await self._receive_hello(stream)
-            if hello is not None:
-                await self._serve_agent(stream, hello)
+            accepted = await self._receive_hello(stream)
+            if accepted is not None:
+                await self._serve_agent(stream, *accepted)
         except CONNECTION_ERRORS as exc:
             logger.info("connection ended: %s", exc)
         except Exception:
@@ -289,7 +328,15 @@ class FlareSite:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _receive_hello(self, stream: MessageStream) -> Hello | None:
+    def _secret_for(self, agent_id: str) -> bytes | bool | None:
+        """The agent's secret; None if the site needs none; False if the agent has no entry."""
+        secrets = self._secrets
+        if isinstance(secrets, dict):
+            return secrets.get(agent_id, False)
+        return secrets
+
+    async def _receive_hello(self, stream: MessageStream) -> tuple[Hello, bytes] | None:
+        """The agent's accepted hello and the site's proof for its welcome, or None if refused."""
         with anyio.move_on_after(self._hello_timeout):
             message = await stream.receive()
             reason = (
@@ -301,7 +348,12 @@ class FlareSite:
                 reason = "the site is shutting down"
             if reason is None:
                 assert isinstance(message, Hello)
-                return message
+                proof = await self._authenticate(stream, message)
+                if proof is not None:
+                    return message, proof
+                self.failed_authentications += 1
+                # Which part was wrong is not said: that would help a guesser.
+                reason = "authentication failed"
             self.rejected_hellos += 1
             logger.warning("rejected a connection: %s", reason)
             await stream.send(Reject(reason=reason))
@@ -310,7 +362,22 @@ class FlareSite:
         logger.warning("dropped a connection that sent no hello within %g s", self._hello_timeout)
         return None
 
-    async def _serve_agent(self, stream: MessageStream, hello: Hello) -> None:
+    async def _authenticate(self, stream: MessageStream, hello: Hello) -> bytes | None:
+        """Challenge the agent if a secret is shared; the site's proof, or None if it failed."""
+        secret = self._secret_for(hello.agent_id)
+        if secret is None:
+            return b""
+        nonce = os.urandom(16)
+        await stream.send(Challenge(nonce=nonce))
+        answer = await stream.receive()
+        if secret is False or not isinstance(answer, Proof):
+            return None
+        assert isinstance(secret, bytes)
+        if not verify(agent_proof(secret, hello, nonce), answer.mac):
+            return None
+        return site_proof(secret, hello, nonce)
+
+    async def _serve_agent(self, stream: MessageStream, hello: Hello, proof: bytes) -> None:
         agent_id = hello.agent_id
         session = self._sessions.get(agent_id)
         if session is None or session.state is SessionState.GONE:
@@ -347,8 +414,9 @@ class FlareSite:
             handle=handle,
             finished=lambda: session.state is SessionState.GONE,
             read_timeout=lambda: self._config.heartbeat_timeout,
+            on_progress=None if self._on_progress is None else partial(self._on_progress, agent_id),
         )
-        session.connection_made(hello)
+        session.connection_made(hello, proof)
         self._connections[agent_id] = connection
         self._notify()
         logger.info("agent %s connected", agent_id)

@@ -432,11 +432,19 @@ async def test_bad_task_data_is_answered_with_bad_task_data_and_the_agent_goes_o
         await agent.stop()
 
 
-async def test_bad_task_data_reaches_the_site_as_a_bad_task_data_result() -> None:
-    async with site_and_agent() as (site, agent):
-        result = await site.run_task("agent-1", "train", 1, meta={1: "not a str key"})  # type: ignore[dict-item]
-        assert result.return_code == RC.BAD_TASK_DATA
-        assert await agent.get_task(timeout=0.05) is None
+async def test_payloads_that_cannot_be_sent_are_refused_where_they_are_given() -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+        with pytest.raises(TypeError, match=r"meta has a key 1 of type int"):
+            await site.run_task("agent-1", "train", 1, meta={1: "x"})  # type: ignore[dict-item]
+        with pytest.raises(TypeError, match=r"data\['model'\]\[0\] is a object"):
+            await site.run_task("agent-1", "train", {"model": [object()]})
+        group.start_soon(site.run_task, "agent-1", "train", 1)
+        assert await agent.get_task(timeout=5) is not None
+        with pytest.raises(TypeError, match=r"result.data\['w'\] is a set"):
+            await agent.submit_result(TaskResult({}, {"w": {1, 2}}))
+        with pytest.raises(TypeError, match=r"log value 'loss' is a complex"):
+            await agent.log("loss", 1j)
+        assert await agent.submit_result(OK)  # nothing changed: the task still takes a result
 
 
 async def test_cancelling_get_task_while_waiting_loses_no_task() -> None:

@@ -16,14 +16,18 @@ from ._agent import (
     TaskArrived,
     Welcomed,
 )
+from ._auth import agent_proof, site_proof, verify
+from ._codec import FrameError, FrameReader, Limits, encode_frame
 from ._messages import (
     PROTOCOL_VERSION,
     Abort,
     Bye,
+    Challenge,
     Heartbeat,
     Hello,
     Log,
     Message,
+    Proof,
     Reject,
     Result,
     ResultAck,
@@ -31,6 +35,7 @@ from ._messages import (
     TaskAssign,
     Welcome,
 )
+from ._payload import InvalidPayload, PayloadType, check_payload, register_payload_type
 from ._site import (
     LogReceived,
     LogRecord,
@@ -50,13 +55,20 @@ __all__ = [
     "AgentState",
     "BadTask",
     "Bye",
+    "Challenge",
     "Closed",
+    "FrameError",
+    "FrameReader",
     "Heartbeat",
     "Hello",
+    "InvalidPayload",
+    "Limits",
     "Log",
     "LogReceived",
     "LogRecord",
     "Message",
+    "PayloadType",
+    "Proof",
     "Reject",
     "Rejected",
     "Result",
@@ -75,5 +87,11 @@ __all__ = [
     "TaskFinished",
     "Welcome",
     "Welcomed",
+    "agent_proof",
     "check_hello",
+    "check_payload",
+    "encode_frame",
+    "register_payload_type",
+    "site_proof",
+    "verify",
 ]

@@ -32,14 +32,17 @@ from typing import Any
 
 from ..defs import RC, Task, TaskResult
 from ..exceptions import AgentClosed, CallStateError, LocalProtocolError, RemoteProtocolError
+from ._auth import agent_proof, site_proof, verify
 from ._messages import (
     PROTOCOL_VERSION,
     Abort,
     Bye,
+    Challenge,
     Heartbeat,
     Hello,
     Log,
     Message,
+    Proof,
     Reject,
     Result,
     ResultAck,
@@ -147,6 +150,8 @@ class AgentProtocol:
     site_name: str
     job_id: str | None = None
     instance_id: str = ""
+    secret: bytes | None = field(default=None, repr=False)
+    """Shared with the site: the agent proves it knows it, and requires the site to."""
     max_queued_logs: int = 10_000
 
     state: AgentState = field(default=AgentState.IDLE, init=False)
@@ -162,23 +167,26 @@ class AgentProtocol:
     _unsettled: dict[str, Submission] = field(default_factory=dict, init=False)
     _seen: RecentIds[None] = field(default_factory=RecentIds, init=False)
     _queued_logs: list[Log] = field(default_factory=list, init=False)
+    _hello: Hello | None = field(default=None, init=False)
+    _site_nonce: bytes | None = field(default=None, init=False)
 
     # -- connection lifecycle (called by the driver) ------------------------------------------
 
-    def connection_made(self) -> None:
-        """A new connection is up: the hello goes first."""
+    def connection_made(self, nonce: bytes = b"") -> None:
+        """A new connection is up: the hello goes first, with fresh random ``nonce`` bytes."""
         if self.state is AgentState.CLOSED:
             raise LocalProtocolError(f"the agent is closed ({self.close_reason})")
         self.state = AgentState.HANDSHAKE
-        self._outbox = [
-            Hello(
-                protocol_version=PROTOCOL_VERSION,
-                agent_id=self.agent_id,
-                site_name=self.site_name,
-                job_id=self.job_id,
-                instance_id=self.instance_id,
-            )
-        ]
+        self._site_nonce = None
+        self._hello = Hello(
+            protocol_version=PROTOCOL_VERSION,
+            agent_id=self.agent_id,
+            site_name=self.site_name,
+            job_id=self.job_id,
+            instance_id=self.instance_id,
+            nonce=nonce,
+        )
+        self._outbox = [self._hello]
 
     def connection_lost(self) -> None:
         """The connection is gone; unsent messages are dropped.
@@ -227,9 +235,22 @@ class AgentProtocol:
         if state is AgentState.HANDSHAKE:
             if isinstance(message, Welcome):
                 return self._welcomed(message)
+            if isinstance(message, Challenge) and self._site_nonce is None:
+                self._site_nonce = message.nonce
+                assert self._hello is not None
+                mac = (
+                    b""
+                    if self.secret is None
+                    else agent_proof(self.secret, self._hello, message.nonce)
+                )
+                self._outbox.append(Proof(mac=mac))
+                return []
             if isinstance(message, Reject):
-                self._close(f"the site rejected the agent: {message.reason}")
-                return [Rejected(message.reason)]
+                reason = message.reason
+                if self._site_nonce is not None and self.secret is None:
+                    reason += " (the site requires a shared secret, and this agent has none)"
+                self._close(f"the site rejected the agent: {reason}")
+                return [Rejected(reason)]
         elif state is AgentState.READY:
             if isinstance(message, TaskAssign):
                 return self._task_assigned(message)
@@ -253,6 +274,13 @@ class AgentProtocol:
                 f"{message.protocol_version}; expected site {self.site_name!r}, "
                 f"version {PROTOCOL_VERSION}"
             )
+        if self.secret is not None:
+            assert self._hello is not None
+            expected = site_proof(self.secret, self._hello, self._site_nonce or b"")
+            if self._site_nonce is None or not verify(expected, message.proof):
+                raise RemoteProtocolError(
+                    "the site did not prove it knows the shared secret: refusing to work for it"
+                )
         self.state = AgentState.READY
         self.heartbeat_interval = message.heartbeat_interval
         self.heartbeat_timeout = message.heartbeat_timeout

@@ -94,12 +94,20 @@ class FrameReader:
         self._buffer_count = 0
         self._message: Message | None = None  # set once the header is read
         self._payloads: PayloadDecoder | None = None
+        # One long-lived decoder; its extension hook serves the frame being decoded.
+        self._decoder = msgspec.msgpack.Decoder(Message, ext_hook=self._ext_hook)
         self._buffers: list[memoryview] = []  # destinations still to fill, the first one partly
         self._filled = 0  # bytes of self._buffers[0] filled
         self.frame_bytes = 0
         """The size of the frame being read; 0 between frames (for progress reports)."""
         self.frame_bytes_read = 0
         """How much of it has arrived."""
+
+    @property
+    def frame_message(self) -> tuple[str, str | None]:
+        """The kind and task id of the frame being read (known once its header is)."""
+        message = self._message
+        return type(message).__name__, getattr(message, "task_id", None)
 
     @property
     def mid_frame(self) -> bool:
@@ -201,12 +209,41 @@ class FrameReader:
                 f"a frame of {total} bytes exceeds the limit of {self.limits.max_frame_bytes} bytes"
             )
         # Decoding allocates the arrays the buffers are read into, so it comes after the checks.
-        self._message, self._payloads = _decode_message(raw, lengths)
+        self._message, self._payloads = self._decode_message(raw, lengths)
         self._buffers = [b for b in self._payloads.destinations if b is not None and b.nbytes]
         self._filled = 0
         self._start += self._header_bytes
         self.frame_bytes = total
         self.frame_bytes_read = PREFIX_BYTES + self._header_bytes
+
+    def _ext_hook(self, code: int, data: memoryview) -> Any:
+        assert self._payloads is not None
+        return self._payloads.ext_hook(code, data)
+
+    def _decode_message(
+        self, raw: msgspec.Raw, lengths: list[int]
+    ) -> tuple[Message, PayloadDecoder]:
+        payloads = self._payloads = PayloadDecoder(lengths)
+        try:
+            message = self._decoder.decode(raw)
+            payloads.check_complete()
+            return message, payloads
+        except Exception as exc:  # whatever breaks inside a peer's payload
+            problem = exc
+        # A task whose payload is unusable: keep the connection, answer it with BAD_TASK_DATA.
+        try:
+            fields = _lenient.decode(raw)
+        except Exception:
+            fields = {}
+        task_id, task_name = fields.get("task_id"), fields.get("task_name")
+        if fields.get("kind") == "task" and isinstance(task_id, str):
+            name = task_name if isinstance(task_name, str) else ""
+            reason = f"cannot decode the task's payload: {problem}"
+            invalid = TaskAssign(
+                task_id=task_id, task_name=name, meta={}, data=InvalidPayload(reason)
+            )
+            return invalid, _discard(lengths)
+        raise FrameError(f"malformed {fields.get('kind', 'message')!s}: {problem}") from None
 
     def _copy_staged(self) -> None:
         destination = self._buffers[0]
@@ -245,25 +282,3 @@ def _discard(lengths: list[int]) -> PayloadDecoder:
         for offset in range(0, n, len(_DISCARD))
     ]
     return payloads
-
-
-def _decode_message(raw: msgspec.Raw, lengths: list[int]) -> tuple[Message, PayloadDecoder]:
-    payloads = PayloadDecoder(lengths)
-    try:
-        message: Message = msgspec.msgpack.decode(raw, type=Message, ext_hook=payloads.ext_hook)
-        payloads.check_complete()
-        return message, payloads
-    except Exception as exc:
-        problem = exc
-    # A task whose payload is unusable: keep the connection, answer it with BAD_TASK_DATA.
-    try:
-        fields = _lenient.decode(raw)
-    except Exception:
-        fields = {}
-    task_id, task_name = fields.get("task_id"), fields.get("task_name")
-    if fields.get("kind") == "task" and isinstance(task_id, str):
-        name = task_name if isinstance(task_name, str) else ""
-        reason = f"cannot decode the task's payload: {problem}"
-        invalid = TaskAssign(task_id=task_id, task_name=name, meta={}, data=InvalidPayload(reason))
-        return invalid, _discard(lengths)
-    raise FrameError(f"malformed {fields.get('kind', 'message')!s}: {problem}") from None

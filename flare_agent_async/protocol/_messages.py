@@ -15,10 +15,12 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Abort",
     "Bye",
+    "Challenge",
     "Heartbeat",
     "Hello",
     "Log",
     "Message",
+    "Proof",
     "Reject",
     "Result",
     "ResultAck",
@@ -46,6 +48,20 @@ class Hello(_Base, tag="hello", frozen=True, kw_only=True):
     site_name: str
     job_id: str | None = None
     instance_id: str
+    nonce: bytes = b""
+    """Fresh random bytes per connection, for the site's proof when a secret is shared."""
+
+
+class Challenge(_Base, tag="challenge", frozen=True, kw_only=True):
+    """Site to agent, when the site shares a secret with the agent: prove you know it."""
+
+    nonce: bytes
+
+
+class Proof(_Base, tag="proof", frozen=True, kw_only=True):
+    """Agent to site: an HMAC over the hello and both nonces, keyed by the shared secret."""
+
+    mac: bytes
 
 
 class Welcome(_Base, tag="welcome", frozen=True, kw_only=True):
@@ -55,6 +71,8 @@ class Welcome(_Base, tag="welcome", frozen=True, kw_only=True):
     site_name: str
     heartbeat_interval: float
     heartbeat_timeout: float
+    proof: bytes = b""
+    """With a shared secret: the site's HMAC, so the agent knows it reached the right site."""
 
 
 class Reject(_Base, tag="reject", frozen=True, kw_only=True):
@@ -122,6 +140,8 @@ class Bye(_Base, tag="bye", frozen=True, kw_only=True):
 
 Message = (
     Hello
+    | Challenge
+    | Proof
     | Welcome
     | Reject
     | TaskAssign

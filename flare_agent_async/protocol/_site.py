@@ -167,8 +167,10 @@ class SiteSession:
 
     # -- connections ------------------------------------------------------------------------------
 
-    def connection_made(self, hello: Hello) -> None:
+    def connection_made(self, hello: Hello, proof: bytes = b"") -> None:
         """The agent (re)connected with an accepted hello: welcome it and resend what it lacks.
+
+        ``proof`` is the site's `site_proof` when the agent authenticated with a shared secret.
 
         :raises LocalProtocolError: the session is gone; make a new one for the agent.
         """
@@ -184,6 +186,7 @@ class SiteSession:
                 site_name=config.site_name,
                 heartbeat_interval=config.heartbeat_interval,
                 heartbeat_timeout=config.heartbeat_timeout,
+                proof=proof,
             )
         ]
         self._outbox.extend(Abort(task_id=task_id) for task_id in self._recent_aborts)

@@ -1,8 +1,11 @@
 """Transports: how an agent reaches its site, chosen by URL scheme or passed as an object.
 
-``memory://name`` is built in. Other packages add schemes through the entry-point group
-``flare_agent_async.transports``: each entry point names a `Scheme`. `register_scheme` does the same
-at run time.
+Built in: ``tcp://host:port``, ``unix:///path``, ``tls://host:port`` and ``memory://name``. Other
+packages add schemes through the entry-point group ``flare_agent_async.transports``: each entry
+point names a `Scheme`. `register_scheme` does the same at run time.
+
+Options reach the scheme as keyword arguments: ``limits`` (a `Limits`), ``ssl_context`` (for TLS),
+and whatever else a plugin documents. A scheme ignores the options it does not use.
 """
 
 from __future__ import annotations
@@ -10,17 +13,29 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
+from ..protocol._codec import Limits
 from ._base import Connector, MessageListener, MessageStream
+from ._framed import ByteStream, FramedMessageStream, Progress
 from ._memory import MemoryConnector, MemoryListener, memory_stream_pair
+from ._socket import TCPConnector, UnixConnector, listen_tcp, listen_unix
+from ._tls import TLSConnector, listen_tls
 
 __all__ = [
+    "ByteStream",
     "Connector",
+    "FramedMessageStream",
+    "Limits",
     "MemoryConnector",
     "MemoryListener",
     "MessageListener",
     "MessageStream",
+    "Progress",
     "Scheme",
+    "TCPConnector",
+    "TLSConnector",
+    "UnixConnector",
     "connector_for",
     "create_listener",
     "known_schemes",
@@ -33,17 +48,25 @@ ENTRY_POINT_GROUP = "flare_agent_async.transports"
 
 @dataclass(frozen=True)
 class Scheme:
-    """A URL scheme: how to connect to a URL of it, and how to listen at one."""
+    """A URL scheme: how to connect to a URL of it, and how to listen at one.
 
-    connect: Callable[[str], Connector]
-    listen: Callable[[str], Awaitable[MessageListener]]
+    Both take the URL and keyword options (see the module docstring).
+    """
+
+    connect: Callable[..., Connector]
+    listen: Callable[..., Awaitable[MessageListener]]
 
 
-async def _listen_memory(url: str) -> MessageListener:
+async def _listen_memory(url: str, **_: Any) -> MessageListener:
     return MemoryListener(url)
 
 
-_schemes: dict[str, Scheme] = {"memory": Scheme(MemoryConnector, _listen_memory)}
+_schemes: dict[str, Scheme] = {
+    "memory": Scheme(MemoryConnector, _listen_memory),
+    "tcp": Scheme(TCPConnector, listen_tcp),
+    "unix": Scheme(UnixConnector, listen_unix),
+    "tls": Scheme(TLSConnector, listen_tls),
+}
 _entry_points_loaded = False
 
 
@@ -82,20 +105,21 @@ def _scheme(url: str) -> Scheme:
     return scheme
 
 
-def connector_for(target: str | Connector) -> Connector:
-    """The connector for a URL, or the connector itself.
+def connector_for(target: str | Connector, **options: Any) -> Connector:
+    """The connector for a URL (with ``options``), or the connector itself.
 
-    :raises ValueError: the URL is malformed or its scheme is unknown.
+    :raises ValueError: the URL is malformed, its scheme is unknown, or an option is missing
+        (TLS without ``ssl_context``).
     """
     if isinstance(target, Connector):
         return target
     if not isinstance(target, str):
         raise TypeError(f"expected a URL or a Connector, got {type(target).__name__}")
-    return _scheme(target).connect(target)
+    return _scheme(target).connect(target, **options)
 
 
-async def create_listener(target: str | MessageListener) -> MessageListener:
-    """A listener bound to a URL, or the listener itself.
+async def create_listener(target: str | MessageListener, **options: Any) -> MessageListener:
+    """A listener bound to a URL (with ``options``), or the listener itself.
 
     :raises ValueError: the URL is malformed or its scheme is unknown.
     :raises TransportError: the address cannot be bound.
@@ -104,4 +128,4 @@ async def create_listener(target: str | MessageListener) -> MessageListener:
         return target
     if not isinstance(target, str):
         raise TypeError(f"expected a URL or a MessageListener, got {type(target).__name__}")
-    return await _scheme(target).listen(target)
+    return await _scheme(target).listen(target, **options)

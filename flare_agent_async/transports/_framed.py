@@ -1,0 +1,183 @@
+"""Messages over a byte stream: `FramedMessageStream` drives the codec's `FrameReader`.
+
+A `ByteStream` is the little a framed transport needs from a connection: receive into a buffer,
+send some of a list of buffers, close. Sockets implement it without copies (``recv_into`` and
+``sendmsg`` on the raw socket, with the event loop's readiness waits); TLS wraps any byte stream.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import ObjectStream
+
+from ..protocol import Message
+from ..protocol._codec import FrameError, FrameReader, Limits, encode_frame
+
+__all__ = ["ByteStream", "FramedMessageStream", "Progress"]
+
+PROGRESS_MIN_BYTES = 1 << 20
+"""Frames at least this large report their progress."""
+_YIELD_EVERY_BYTES = 4 << 20
+
+
+class ByteStream(ABC):
+    """A connection's bytes, both ways.
+
+    ``receive_into`` returns 0 at the end of the stream; errors are anyio's:
+    `anyio.BrokenResourceError` (with the cause chained) and `anyio.ClosedResourceError`.
+    """
+
+    waited_to_send = False
+    """Whether the last `send_some` had to wait for the peer to make room (then the peer is
+    alive and reading); if not, it did not yield to other tasks either."""
+    waited_to_receive = False
+    """Whether the last `receive_into` waited for bytes; if not, it did not yield either."""
+
+    @abstractmethod
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Read at most ``len(buffer)`` bytes into ``buffer``; 0 means the peer closed.
+
+        It need not be a schedule point when bytes are already there (see `waited_to_receive`),
+        and must not lose bytes to a cancellation: once read, they are returned.
+        """
+
+    @abstractmethod
+    async def send_some(self, buffers: Sequence[memoryview]) -> int:
+        """Send from the start of ``buffers``; returns how many bytes went (at least one)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close the connection."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a large frame has moved: ``done`` of ``total`` bytes."""
+
+    direction: str
+    """``"send"`` or ``"receive"``."""
+    kind: str
+    """The message class: ``"TaskAssign"``, ``"Result"``, ..."""
+    task_id: str | None
+    done: int
+    total: int
+
+
+def _describe(message: Message) -> tuple[str, str | None]:
+    return type(message).__name__, getattr(message, "task_id", None)
+
+
+class FramedMessageStream(ObjectStream[Message]):
+    """Protocol messages over a `ByteStream`, framed by the codec.
+
+    Sends are serialized (concurrent senders take turns); a send cancelled in the middle of a
+    frame breaks the connection, since the peer cannot resynchronize. A cancelled receive loses
+    nothing: what was read stays with the reader for the next call.
+
+    ``on_activity`` is called whenever bytes arrive, or a send that waited for the peer goes
+    through: the peer is alive. ``on_progress`` gets a `Progress` for frames of 1 MiB and more.
+    """
+
+    def __init__(self, stream: ByteStream, *, limits: Limits | None = None) -> None:
+        self._stream = stream
+        self._reader = FrameReader(limits)
+        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._closed = False
+        self._broken: BaseException | None = None
+        self.on_activity: Callable[[], object] | None = None
+        self.on_progress: Callable[[Progress], object] | None = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._broken is not None:
+            raise anyio.BrokenResourceError from self._broken
+
+    async def receive(self) -> Message:
+        self._check_open()
+        reader, stream = self._reader, self._stream
+        waited = False
+        unyielded = 0  # bytes read since the last time this task let others run
+        try:
+            message = reader.next_message()
+            while message is None:
+                count = await stream.receive_into(reader.buffer_for_read())
+                if not count:
+                    if reader.mid_frame:
+                        raise anyio.BrokenResourceError(
+                            "the peer closed the connection in the middle of a frame"
+                        )
+                    raise anyio.EndOfStream
+                reader.bytes_read(count)  # from here on, a cancellation loses nothing
+                if self.on_activity is not None:
+                    self.on_activity()
+                if reader.frame_bytes >= PROGRESS_MIN_BYTES and self.on_progress is not None:
+                    kind, task_id = reader.frame_message
+                    done, total = reader.frame_bytes_read, reader.frame_bytes
+                    self.on_progress(Progress("receive", kind, task_id, done, total))
+                if stream.waited_to_receive:
+                    waited, unyielded = True, 0
+                else:
+                    unyielded += count
+                    if unyielded >= _YIELD_EVERY_BYTES:  # a fast peer must not starve the rest
+                        await anyio.lowlevel.checkpoint()
+                        waited, unyielded = True, 0
+                message = reader.next_message()
+        except (FrameError, anyio.BrokenResourceError) as exc:
+            self._broken = exc
+            raise
+        if not waited:  # a schedule point, without losing the message to a cancellation
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+        return message
+
+    async def send(self, item: Message) -> None:
+        parts = encode_frame(item)  # a payload that cannot be sent fails here, before any byte
+        total = sum(part.nbytes for part in parts)
+        report = total >= PROGRESS_MIN_BYTES and self.on_progress is not None
+        async with self._send_lock:
+            self._check_open()
+            sent = unyielded = 0
+            waited = False
+            try:
+                while parts:
+                    count = await self._stream.send_some(parts)
+                    sent += count
+                    if self._stream.waited_to_send:
+                        waited, unyielded = True, 0
+                        if self.on_activity is not None:
+                            self.on_activity()  # the peer made room: it is alive
+                    else:
+                        unyielded += count
+                    while parts and count >= parts[0].nbytes:
+                        count -= parts.pop(0).nbytes
+                    if count:
+                        parts[0] = parts[0][count:]
+                    if report:
+                        kind, task_id = _describe(item)
+                        assert self.on_progress is not None
+                        self.on_progress(Progress("send", kind, task_id, sent, total))
+                    if parts and unyielded >= _YIELD_EVERY_BYTES:
+                        await anyio.lowlevel.checkpoint()
+                        waited, unyielded = True, 0
+            except BaseException as exc:
+                if 0 < sent < total:  # half a frame went out: nothing can follow it
+                    self._broken = exc
+                    with anyio.CancelScope(shield=True):
+                        await self._stream.aclose()
+                raise
+        if not waited:
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_eof(self) -> None:
+        raise NotImplementedError("framed streams close both ways at once")
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._stream.aclose()

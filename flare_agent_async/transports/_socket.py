@@ -1,0 +1,320 @@
+"""TCP and Unix-socket transports: ``tcp://host:port`` and ``unix:///path``.
+
+Both use the raw non-blocking socket with the event loop's readiness waits (`anyio.wait_readable`,
+`anyio.wait_writable`) instead of the loop's stream transports: receiving reads straight into the
+destination arrays (``recv_into``), sending writes the arrays' own memory (``sendmsg``), and
+nothing is buffered in between. Payloads are never copied on the way.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from ..exceptions import TransportError
+from ..protocol._codec import Limits
+from ._base import Connector, MessageListener, MessageStream
+from ._framed import ByteStream, FramedMessageStream
+
+__all__ = [
+    "SocketByteStream",
+    "SocketListener",
+    "TCPConnector",
+    "UnixConnector",
+    "listen_tcp",
+    "listen_unix",
+]
+
+logger = logging.getLogger("flare_agent_async.transports")
+
+_MAX_IOV = 1024  # sendmsg takes at most IOV_MAX buffers
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+Wrap = Callable[[socket.socket], Awaitable[ByteStream]]
+
+
+class SocketByteStream(ByteStream):
+    """A `ByteStream` over a connected non-blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._closed = False
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        self.waited_to_receive = False
+        while True:
+            try:
+                return self._sock.recv_into(buffer)
+            except BlockingIOError:
+                await self._wait(anyio.wait_readable)
+                self.waited_to_receive = True
+            except OSError as exc:
+                raise self._broken(exc) from exc
+
+    async def send_some(self, buffers: Sequence[memoryview]) -> int:
+        self.waited_to_send = False
+        while True:
+            try:
+                return self._sock.sendmsg(buffers[:_MAX_IOV])
+            except BlockingIOError:
+                await self._wait(anyio.wait_writable)
+                self.waited_to_send = True
+            except OSError as exc:
+                raise self._broken(exc) from exc
+
+    async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        await wait(self._sock)
+
+    def _broken(self, exc: OSError) -> Exception:
+        if self._closed:
+            return anyio.ClosedResourceError()
+        return anyio.BrokenResourceError(f"the connection broke: {exc}")
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._sock)
+            self._sock.close()
+        await anyio.lowlevel.checkpoint()
+
+
+async def _plain(sock: socket.socket) -> ByteStream:
+    return SocketByteStream(sock)
+
+
+class _SocketConnector(Connector):
+    def __init__(self, url: str, *, limits: Limits | None = None, **_: Any) -> None:
+        self.url = url
+        self._limits = limits
+        self._wrap: Wrap = _plain
+
+    async def _open(self) -> socket.socket:
+        raise NotImplementedError
+
+    async def connect(self) -> MessageStream:
+        sock = await self._open()
+        try:
+            byte_stream = await self._wrap(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return FramedMessageStream(byte_stream, limits=self._limits)
+
+
+async def _connect_socket(sock: socket.socket, address: Any) -> None:
+    sock.setblocking(False)
+    try:
+        sock.connect(address)
+    except BlockingIOError:
+        await anyio.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error)) from None
+
+
+def _host_port(url: str, default_host: str | None = None) -> tuple[str, int]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {url!r}: {exc}") from None
+    host = parts.hostname or default_host
+    if host is None or port is None:
+        raise ValueError(f"{url!r} needs a host and a port: {parts.scheme}://host:port")
+    return host, port
+
+
+class TCPConnector(_SocketConnector):
+    """Connects to ``tcp://host:port`` (TCP_NODELAY on)."""
+
+    def __init__(self, url: str, *, limits: Limits | None = None, **options: Any) -> None:
+        super().__init__(url, limits=limits, **options)
+        self._host, self._port = _host_port(url)
+
+    async def _open(self) -> socket.socket:
+        try:
+            addresses = await anyio.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise TransportError(f"cannot resolve {self._host!r} in {self.url}: {exc}") from exc
+        error: OSError | None = None
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            try:
+                await _connect_socket(sock, address)
+            except BaseException as exc:
+                sock.close()
+                if not isinstance(exc, OSError):
+                    raise
+                error = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        raise TransportError(f"cannot connect to {self.url}: {error}") from error
+
+
+class UnixConnector(_SocketConnector):
+    """Connects to ``unix:///path/to/socket``."""
+
+    def __init__(self, url: str, *, limits: Limits | None = None, **options: Any) -> None:
+        super().__init__(url, limits=limits, **options)
+        self._path = _unix_path(url)
+
+    async def _open(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await _connect_socket(sock, self._path)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, OSError):
+                raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
+            raise
+        return sock
+
+
+def _unix_path(url: str) -> str:
+    path = url[len("unix://") :]
+    if not path:
+        raise ValueError(f"{url!r} needs a path: unix:///path/to/socket")
+    return path
+
+
+class SocketListener(MessageListener):
+    """Accepts connections on a listening socket; each is wrapped (TLS, say) in its own task."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        url: str,
+        *,
+        limits: Limits | None = None,
+        wrap: Wrap = _plain,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._url = url
+        self._limits = limits
+        self._wrap = wrap
+        self._on_close = on_close
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    async def serve(
+        self, handler: Callable[[MessageStream], Any], task_group: TaskGroup | None = None
+    ) -> None:
+        async with anyio.create_task_group() as own_group:
+            group = task_group or own_group
+            while True:
+                try:
+                    client, _ = self._sock.accept()
+                except BlockingIOError:
+                    try:
+                        await anyio.wait_readable(self._sock)
+                    except anyio.ClosedResourceError:
+                        return
+                    continue
+                except OSError as exc:
+                    if self._closed:
+                        return
+                    if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                        # Out of descriptors or memory: back off instead of spinning.
+                        logger.error("accept failed at %s: %s; retrying in 0.1 s", self._url, exc)
+                        await anyio.sleep(0.1)
+                    continue
+                if client.family in (socket.AF_INET, socket.AF_INET6):
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                group.start_soon(self._handle, client, handler)
+
+    async def _handle(self, client: socket.socket, handler: Callable[[MessageStream], Any]) -> None:
+        try:
+            byte_stream = await self._wrap(client)
+        except Exception as exc:
+            client.close()
+            logger.warning("dropped a connection to %s: %s", self._url, exc)
+            return
+        except BaseException:
+            client.close()
+            raise
+        await handler(FramedMessageStream(byte_stream, limits=self._limits))
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._sock)
+            self._sock.close()
+            self._on_close()
+        await anyio.lowlevel.checkpoint()
+
+
+def _format_url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+async def listen_tcp(
+    url: str, *, limits: Limits | None = None, wrap: Wrap = _plain, scheme: str = "tcp", **_: Any
+) -> MessageListener:
+    """Listen at ``tcp://host:port`` (port 0 picks a free port; the URL returned has it)."""
+    host, port = _host_port(url)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=4096)
+    except OSError as exc:
+        raise TransportError(f"cannot listen at {url}: {exc}") from exc
+    bound_host, bound_port = sock.getsockname()[:2]
+    return SocketListener(
+        sock, _format_url(scheme, bound_host, bound_port), limits=limits, wrap=wrap
+    )
+
+
+def _remove_stale_socket(url: str, path: str) -> None:
+    if not (os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode)):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: a leftover
+    except OSError:
+        pass
+    else:
+        raise TransportError(f"cannot listen at {url}: another process listens there")
+    finally:
+        probe.close()
+
+
+async def listen_unix(url: str, *, limits: Limits | None = None, **_: Any) -> MessageListener:
+    """Listen at ``unix:///path``; a stale socket file left by a dead site is replaced."""
+    path = _unix_path(url)
+    await anyio.to_thread.run_sync(_remove_stale_socket, url, path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot listen at {url}: {exc}") from exc
+
+    def unlink() -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    return SocketListener(sock, f"unix://{path}", limits=limits, on_close=unlink)

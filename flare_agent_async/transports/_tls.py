@@ -1,0 +1,179 @@
+"""TLS over any byte stream: ``tls://host:port`` is TLS over TCP.
+
+`TLSByteStream` drives an `ssl.SSLObject` over memory BIOs, so it wraps any `ByteStream`.
+Decryption writes straight into the caller's buffer (the one copy TLS cannot avoid); the
+`ssl.SSLContext` decides everything else: certificates, verification, and mutual TLS when the
+site's context requires client certificates (``verify_mode = ssl.CERT_REQUIRED``).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import anyio
+
+from ..exceptions import TransportError
+from ..protocol._codec import Limits
+from ._base import MessageListener
+from ._framed import ByteStream
+from ._socket import SocketByteStream, TCPConnector, listen_tcp
+
+__all__ = ["TLSByteStream", "TLSConnector", "listen_tls"]
+
+T = TypeVar("T")
+_CHUNK = 256 * 1024  # plaintext encrypted per send: bounds the ciphertext held in memory
+_READ_AHEAD = 256 * 1024
+
+
+class TLSByteStream(ByteStream):
+    """A `ByteStream` that encrypts another; make one with `wrap`."""
+
+    def __init__(
+        self,
+        inner: ByteStream,
+        ssl_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        self._inner = inner
+        self._ssl = ssl_object
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._buffer = bytearray(_READ_AHEAD)
+        # The reader and the writer both flush records; their bytes must not interleave.
+        self._flush_lock = anyio.Lock()
+
+    @classmethod
+    async def wrap(
+        cls,
+        inner: ByteStream,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> TLSByteStream:
+        """Run the handshake over ``inner``.
+
+        :raises TransportError: the handshake failed (certificate not trusted, none given, ...).
+        """
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ssl_object = context.wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        stream = cls(inner, ssl_object, incoming, outgoing)
+        try:
+            await stream._retry(ssl_object.do_handshake)
+        except (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            raise TransportError(f"TLS handshake failed: {exc}") from exc
+        return stream
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            data = self._outgoing.read()
+            view = memoryview(data)
+            while view:
+                view = view[await self._inner.send_some([view]) :]
+
+    async def _fill(self) -> None:
+        count = await self._inner.receive_into(memoryview(self._buffer))
+        if count:
+            self._incoming.write(memoryview(self._buffer)[:count])
+        else:
+            self._incoming.write_eof()
+
+    async def _retry(self, operation: Callable[..., T], *args: Any) -> T:
+        while True:
+            try:
+                result = operation(*args)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+                continue
+            await self._flush()
+            return result
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        self.waited_to_receive = True  # conservatively: decryption may not have yielded
+        try:
+            # read() fills the buffer and returns a count when given one.
+            return cast(int, await self._retry(self._ssl.read, len(buffer), buffer))
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0  # a close, clean or not: the framing above tells a cut frame
+        except ssl.SSLError as exc:
+            raise anyio.BrokenResourceError(f"TLS error: {exc}") from exc
+
+    async def send_some(self, buffers: Sequence[memoryview]) -> int:
+        first = buffers[0]
+        try:
+            count = await self._retry(self._ssl.write, first[:_CHUNK])
+        except ssl.SSLError as exc:
+            raise anyio.BrokenResourceError(f"TLS error: {exc}") from exc
+        self.waited_to_send = True  # records go out through awaits of the inner stream
+        return count
+
+    async def aclose(self) -> None:
+        with anyio.move_on_after(1, shield=True):
+            try:
+                self._ssl.unwrap()
+                await self._flush()
+            except (ssl.SSLError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+        await self._inner.aclose()
+
+
+def _require_context(url: str, context: ssl.SSLContext | None) -> ssl.SSLContext:
+    if context is None:
+        raise ValueError(f"{url} needs an ssl_context (see flare_agent_async.tls)")
+    return context
+
+
+class TLSConnector(TCPConnector):
+    """Connects to ``tls://host:port``; ``ssl_context`` decides what is trusted and sent."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        limits: Limits | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(url, limits=limits, **options)
+        context = _require_context(url, ssl_context)
+        hostname = server_hostname or self._host
+
+        async def wrap(sock: socket.socket) -> ByteStream:
+            try:
+                return await TLSByteStream.wrap(
+                    SocketByteStream(sock), context, server_side=False, server_hostname=hostname
+                )
+            except TransportError as exc:
+                raise TransportError(f"cannot connect to {url}: {exc}") from exc
+
+        self._wrap = wrap
+
+
+async def listen_tls(
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    limits: Limits | None = None,
+    handshake_timeout: float = 10.0,
+    **options: Any,
+) -> MessageListener:
+    """Listen at ``tls://host:port`` with a server ``ssl_context``.
+
+    A connection whose handshake fails or takes longer than ``handshake_timeout`` is dropped
+    (and logged); the listener goes on.
+    """
+    context = _require_context(url, ssl_context)
+
+    async def wrap(sock: socket.socket) -> ByteStream:
+        with anyio.fail_after(handshake_timeout):
+            return await TLSByteStream.wrap(SocketByteStream(sock), context, server_side=True)
+
+    return await listen_tcp(url, limits=limits, wrap=wrap, scheme="tls")

@@ -27,6 +27,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 """What ends one connection (the agent reconnects, the site waits for it) but nothing else."""
 
 
+_BYE_SECONDS = 5.0
+
+
 class PeerSilent(TransportError):
     """Nothing arrived from the peer within the liveness timeout."""
 
@@ -57,6 +60,7 @@ class Connection:
         idle_interval: Callable[[], float | None] = lambda: None,
         on_idle: Callable[[], None] = _never,
         on_progress: Callable[[Progress], object] | None = None,
+        on_protocol_error: Callable[[ProtocolError], None] | None = None,
     ) -> None:
         self.stream = stream
         self._data_to_send = data_to_send
@@ -65,6 +69,7 @@ class Connection:
         self._read_timeout = read_timeout
         self._idle_interval = idle_interval
         self._on_idle = on_idle
+        self._on_protocol_error = on_protocol_error
         self._wakeup: anyio.Event | None = None  # set while the writer waits
         self._scope = anyio.CancelScope()
         self._liveness: anyio.CancelScope | None = None
@@ -106,11 +111,22 @@ class Connection:
     async def _guard(self, run: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
         try:
             await run()
+        except ProtocolError as exc:
+            if self._error is None:
+                self._error = exc
+            if self._on_protocol_error is None:
+                scope.cancel()
+                return
+            # Tell the peer why before closing: the handler queues a goodbye and finishes the
+            # connection; the writer sends it, within a few seconds, and the connection ends.
+            self._on_protocol_error(exc)
+            self._scope.deadline = min(self._scope.deadline, anyio.current_time() + _BYE_SECONDS)
+            self.wake()
+            return
         except CONNECTION_ERRORS as exc:
             if self._error is None:
                 self._error = exc
-        finally:
-            scope.cancel()
+        scope.cancel()
 
     async def _write(self) -> None:
         stream = self.stream

@@ -28,7 +28,6 @@ from .exceptions import (
     AgentClosed,
     CallStateError,
     ConnectionRejected,
-    RemoteProtocolError,
     TransportError,
 )
 from .protocol import (
@@ -384,11 +383,7 @@ class AsyncFlareAgent:
             return None
 
         def handle(message: Message) -> None:
-            try:
-                events = protocol.receive(message)
-            except RemoteProtocolError as exc:
-                self._close(str(exc), exc)
-                raise
+            events = protocol.receive(message)
             for event in events:
                 if isinstance(event, Welcomed) and task_status is not None:
                     task_status.started()
@@ -424,6 +419,7 @@ class AsyncFlareAgent:
             idle_interval=lambda: protocol.heartbeat_interval,
             on_idle=protocol.heartbeat,
             on_progress=self._on_progress,
+            on_protocol_error=lambda exc: self._close(f"protocol error: {exc}", exc),
         )
         protocol.connection_made(os.urandom(16))
         self._connection = connection

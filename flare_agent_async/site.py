@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from ._connection import CONNECTION_ERRORS, Connection
 from .agent import as_secret
 from .defs import TaskResult
-from .exceptions import CallStateError, UnknownAgent
+from .exceptions import CallStateError, ProtocolError, UnknownAgent
 from .protocol import (
     Challenge,
     Hello,
@@ -408,6 +408,13 @@ class FlareSite:
             if session.state is SessionState.GONE:
                 self._notify()
 
+        def on_protocol_error(error: ProtocolError) -> None:
+            if self._connections.get(agent_id) is not connection:
+                return
+            logger.warning("agent %s broke the protocol: %s", agent_id, error)
+            self._finished(session.close(f"protocol error: {error}"))
+            self._notify()
+
         connection = Connection(
             stream,
             data_to_send=data_to_send,
@@ -415,6 +422,7 @@ class FlareSite:
             finished=lambda: session.state is SessionState.GONE,
             read_timeout=lambda: self._config.heartbeat_timeout,
             on_progress=None if self._on_progress is None else partial(self._on_progress, agent_id),
+            on_protocol_error=on_protocol_error,
         )
         session.connection_made(hello, proof)
         self._connections[agent_id] = connection

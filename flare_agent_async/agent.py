@@ -142,6 +142,7 @@ class AsyncFlareAgent:
         self._changed: anyio.Event | None = None
         self._connection: Connection | None = None
         self._failure: BaseException | None = None
+        self._rejection: str | None = None
         self._stopped = False
         # Shielded: the connection outlives a cancelled ``async with`` body until stop() ends it,
         # so results submitted in that body are still delivered.
@@ -361,8 +362,8 @@ class AsyncFlareAgent:
         if protocol.heartbeat_interval is None:  # never welcomed: tell start() why
             if self._failure is not None:
                 raise self._failure
-            if protocol.state is AgentState.CLOSED:
-                raise ConnectionRejected(protocol.close_reason)
+            if self._rejection is not None:
+                raise ConnectionRejected(self._rejection)
             raise TransportError(f"the connection closed before the site's welcome: {error}")
         while protocol.state is not AgentState.CLOSED:
             logger.warning("agent %s lost its connection (%s); reconnecting", self.agent_id, error)
@@ -388,6 +389,7 @@ class AsyncFlareAgent:
                 if isinstance(event, Welcomed) and task_status is not None:
                     task_status.started()
                 elif isinstance(event, Rejected):
+                    self._rejection = event.reason
                     logger.error("agent %s: %s", self.agent_id, protocol.close_reason)
                 elif isinstance(event, BadTask):
                     logger.error(
@@ -434,15 +436,20 @@ class AsyncFlareAgent:
         """Connect, retrying with exponential backoff and jitter for up to ``timeout`` seconds."""
         deadline = anyio.current_time() + timeout
         delay = 0.05
+        error: BaseException | None = None
         while True:
-            try:
-                with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
+            with anyio.move_on_after(max(deadline - anyio.current_time(), 0)):
+                try:
                     return await self._connector.connect()
-            except (TransportError, TimeoutError) as exc:
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
-                    raise TransportError(
-                        f"could not connect to {self._connector.url} within {timeout:g} s: {exc}"
-                    ) from exc
+                except TransportError as exc:
+                    if not exc.retryable:
+                        raise
+                    error = exc
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                why = f": {error}" if error is not None else " (no answer)"
+                raise TransportError(
+                    f"could not connect to {self._connector.url} within {timeout:g} s{why}"
+                ) from error
             await anyio.sleep(min(delay * random.uniform(0.5, 1.5), remaining))
             delay = min(delay * 2, self._max_backoff)

@@ -60,12 +60,17 @@ class ConnectionRejected(FlareAgentError):
     """The site refused the agent's hello; `reason` says why (version, site name, job id, ...)."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(f"the site rejected the agent: {reason}")
         self.reason = reason
 
 
 class TransportError(FlareAgentError, OSError):
-    """A connection could not be made, or broke; the cause is chained."""
+    """A connection could not be made, or broke; the cause is chained.
+
+    ``retryable`` is False when trying again cannot help (a certificate that is not trusted, say).
+    """
+
+    retryable = True
 
 
 class ProtocolError(FlareAgentError):

@@ -67,7 +67,10 @@ class TLSByteStream(ByteStream):
         try:
             await stream._retry(ssl_object.do_handshake)
         except (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-            raise TransportError(f"TLS handshake failed: {exc}") from exc
+            error = TransportError(f"TLS handshake failed: {exc}")
+            # Certificates and alerts are settled: only a cut connection is worth a retry.
+            error.retryable = not isinstance(exc, ssl.SSLError) or isinstance(exc, ssl.SSLEOFError)
+            raise error from exc
         return stream
 
     async def _flush(self) -> None:
@@ -152,7 +155,9 @@ class TLSConnector(TCPConnector):
                     SocketByteStream(sock), context, server_side=False, server_hostname=hostname
                 )
             except TransportError as exc:
-                raise TransportError(f"cannot connect to {url}: {exc}") from exc
+                error = TransportError(f"cannot connect to {url}: {exc}")
+                error.retryable = exc.retryable
+                raise error from exc
 
         self._wrap = wrap
 

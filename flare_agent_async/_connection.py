@@ -73,6 +73,7 @@ class Connection:
         self._wakeup: anyio.Event | None = None  # set while the writer waits
         self._scope = anyio.CancelScope()
         self._liveness: anyio.CancelScope | None = None
+        self._draining = False
         self._error: BaseException | None = None
         if isinstance(stream, FramedMessageStream):
             # Liveness counts bytes: a large frame still moving keeps the peer alive.
@@ -114,19 +115,33 @@ class Connection:
         except ProtocolError as exc:
             if self._error is None:
                 self._error = exc
-            if self._on_protocol_error is None:
-                scope.cancel()
-                return
-            # Tell the peer why before closing: the handler queues a goodbye and finishes the
-            # connection; the writer sends it, within a few seconds, and the connection ends.
-            self._on_protocol_error(exc)
-            self._scope.deadline = min(self._scope.deadline, anyio.current_time() + _BYE_SECONDS)
-            self.wake()
-            return
+            if self._on_protocol_error is not None and not self._draining:
+                await self._say_why_and_close(exc)
         except CONNECTION_ERRORS as exc:
             if self._error is None:
                 self._error = exc
-        scope.cancel()
+        if not self._draining:
+            scope.cancel()
+
+    async def _say_why_and_close(self, error: ProtocolError) -> None:
+        """Queue a goodbye saying why, let the writer send it, and keep reading (and dropping)
+        until the peer closes, for a few seconds at most: closing with unread bytes would reset
+        the connection and could destroy the goodbye on its way."""
+        assert self._on_protocol_error is not None
+        self._draining = True
+        self._on_protocol_error(error)  # the connection is finished from here on
+        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + _BYE_SECONDS)
+        self.wake()
+        stream = self.stream
+        try:
+            if isinstance(stream, FramedMessageStream):
+                await stream.discard_incoming()
+            else:
+                while True:
+                    await stream.receive()
+        except CONNECTION_ERRORS:
+            pass
+        self._draining = False
 
     async def _write(self) -> None:
         stream = self.stream

@@ -319,6 +319,8 @@ class FlareSite:
             accepted = await self._receive_hello(stream)
             if accepted is not None:
                 await self._serve_agent(stream, *accepted)
+        except ProtocolError as exc:
+            logger.warning("dropped a connection that broke the protocol: %s", exc)
         except CONNECTION_ERRORS as exc:
             logger.info("connection ended: %s", exc)
         except Exception:

@@ -88,18 +88,20 @@ class FramedMessageStream(ObjectStream[Message]):
         self._reader = FrameReader(limits)
         self._send_lock = anyio.Lock(fast_acquire=True)
         self._closed = False
-        self._broken: BaseException | None = None
+        # Each direction breaks on its own: after a bad frame in, a goodbye can still go out.
+        self._receive_broken: BaseException | None = None
+        self._send_broken: BaseException | None = None
         self.on_activity: Callable[[], object] | None = None
         self.on_progress: Callable[[Progress], object] | None = None
 
-    def _check_open(self) -> None:
+    def _check_open(self, broken: BaseException | None) -> None:
         if self._closed:
             raise anyio.ClosedResourceError
-        if self._broken is not None:
-            raise anyio.BrokenResourceError from self._broken
+        if broken is not None:
+            raise anyio.BrokenResourceError from broken
 
     async def receive(self) -> Message:
-        self._check_open()
+        self._check_open(self._receive_broken)
         reader, stream = self._reader, self._stream
         waited = False
         unyielded = 0  # bytes read since the last time this task let others run
@@ -129,7 +131,7 @@ class FramedMessageStream(ObjectStream[Message]):
                         waited, unyielded = True, 0
                 message = reader.next_message()
         except (FrameError, anyio.BrokenResourceError) as exc:
-            self._broken = exc
+            self._receive_broken = exc
             raise
         if not waited:  # a schedule point, without losing the message to a cancellation
             await anyio.lowlevel.cancel_shielded_checkpoint()
@@ -140,7 +142,7 @@ class FramedMessageStream(ObjectStream[Message]):
         total = sum(part.nbytes for part in parts)
         report = total >= PROGRESS_MIN_BYTES and self.on_progress is not None
         async with self._send_lock:
-            self._check_open()
+            self._check_open(self._send_broken)
             sent = unyielded = 0
             waited = False
             try:
@@ -166,12 +168,26 @@ class FramedMessageStream(ObjectStream[Message]):
                         waited, unyielded = True, 0
             except BaseException as exc:
                 if 0 < sent < total:  # half a frame went out: nothing can follow it
-                    self._broken = exc
+                    self._send_broken = exc
                     with anyio.CancelScope(shield=True):
                         await self._stream.aclose()
                 raise
         if not waited:
             await anyio.lowlevel.cancel_shielded_checkpoint()
+
+    async def discard_incoming(self) -> None:
+        """Read and drop whatever the peer still sends, until it closes the connection.
+
+        After a protocol error: closing a socket with unread bytes resets the connection, which
+        could destroy the goodbye that tells the peer why.
+        """
+        scratch = memoryview(bytearray(64 * 1024))
+        while True:
+            try:
+                if not await self._stream.receive_into(scratch):
+                    return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
 
     async def send_eof(self) -> None:
         raise NotImplementedError("framed streams close both ways at once")

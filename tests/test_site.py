@@ -25,6 +25,7 @@ from flare_agent_async import (
 )
 from flare_agent_async.protocol import (
     PROTOCOL_VERSION,
+    Bye,
     Hello,
     Message,
     Reject,
@@ -64,15 +65,6 @@ async def raw_agent(url: str, agent_id: str = "raw") -> MessageStream:
     await stream.send(hello(agent_id))
     assert isinstance(await stream.receive(), Welcome)
     return stream
-
-
-async def drain_until_closed(stream: MessageStream) -> None:
-    """Receive until the peer closes the connection."""
-    try:
-        while True:
-            await stream.receive()
-    except anyio.EndOfStream:
-        return
 
 
 async def test_listen_returns_the_bound_url_and_rejects_unknown_schemes() -> None:
@@ -324,7 +316,10 @@ async def test_a_peer_that_breaks_the_protocol_loses_only_its_connection() -> No
             Welcome(protocol_version=1, site_name="x", heartbeat_interval=1, heartbeat_timeout=2)
         )
         with anyio.fail_after(5):
-            await drain_until_closed(rogue)
+            bye = await rogue.receive()
+            while not isinstance(bye, Bye):
+                bye = await rogue.receive()
+        assert "unexpected Welcome message from agent 'rogue'" in bye.reason
         await rogue.aclose()
         group.start_soon(site.run_task, "a1", "train", 1)
         assert await agent.get_task(timeout=5) is not None

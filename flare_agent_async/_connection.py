@@ -148,9 +148,11 @@ class Connection:
         last_sent = anyio.current_time()
         while True:
             messages = self._data_to_send()
-            for message in messages:
-                await stream.send(message)
             if messages:
+                for message in messages:
+                    await stream.send(message)
+                # Sent messages may hold models: keep no reference while waiting.
+                del messages, message
                 last_sent = anyio.current_time()
                 continue
             if self._finished():
@@ -174,6 +176,7 @@ class Connection:
                 liveness.deadline = anyio.current_time() + self._read_timeout()
                 message = await stream.receive()
                 self._handle(message)
+                del message  # a received model belongs to the trainer now, not to this loop
                 self.wake()
         timeout = self._read_timeout()
         raise PeerSilent(f"nothing arrived from the peer for {timeout:g} s")

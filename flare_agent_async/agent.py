@@ -314,6 +314,7 @@ class AsyncFlareAgent:
                 return
             assert task is not None
             yield task
+            del task  # not kept alive while waiting for the next one: models are large
 
     # -- internals ------------------------------------------------------------------------------
 

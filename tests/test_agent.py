@@ -436,13 +436,13 @@ async def test_payloads_that_cannot_be_sent_are_refused_where_they_are_given() -
     async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
         with pytest.raises(TypeError, match=r"meta has a key 1 of type int"):
             await site.run_task("agent-1", "train", 1, meta={1: "x"})  # type: ignore[dict-item]
-        with pytest.raises(TypeError, match=r"data\['model'\]\[0\] is a object"):
+        with pytest.raises(TypeError, match=r"data\['model'\]\[0\] is of type object"):
             await site.run_task("agent-1", "train", {"model": [object()]})
         group.start_soon(site.run_task, "agent-1", "train", 1)
         assert await agent.get_task(timeout=5) is not None
-        with pytest.raises(TypeError, match=r"result.data\['w'\] is a set"):
+        with pytest.raises(TypeError, match=r"result.data\['w'\] is of type set"):
             await agent.submit_result(TaskResult({}, {"w": {1, 2}}))
-        with pytest.raises(TypeError, match=r"log value 'loss' is a complex"):
+        with pytest.raises(TypeError, match=r"log value 'loss' is of type complex"):
             await agent.log("loss", 1j)
         assert await agent.submit_result(OK)  # nothing changed: the task still takes a result
 

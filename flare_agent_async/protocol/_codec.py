@@ -102,6 +102,8 @@ class FrameReader:
         """The size of the frame being read; 0 between frames (for progress reports)."""
         self.frame_bytes_read = 0
         """How much of it has arrived."""
+        self.completed_frame_bytes = 0
+        """The size of the last frame completed."""
 
     @property
     def frame_message(self) -> tuple[str, str | None]:
@@ -199,8 +201,8 @@ class FrameReader:
         header = memoryview(self._staging)[self._start : self._start + self._header_bytes]
         try:
             lengths, raw = _envelope.decode(header)
-        except msgspec.DecodeError as exc:
-            raise FrameError(f"malformed frame header: {exc}") from None
+        except Exception as exc:  # DecodeError, or RecursionError for absurd nesting
+            raise FrameError(f"malformed frame header: {exc!r}") from None
         if len(lengths) != self._buffer_count or any(n < 0 for n in lengths):
             raise FrameError("the frame's buffer lengths do not match its prefix")
         total = PREFIX_BYTES + self._header_bytes + sum(lengths)
@@ -262,10 +264,17 @@ class FrameReader:
         assert message is not None and payloads is not None
         self._header_bytes = None
         self._message = self._payloads = None
+        self.completed_frame_bytes = self.frame_bytes
         self.frame_bytes = self.frame_bytes_read = 0
         fields = _PAYLOAD_FIELDS.get(type(message))
         if fields and payloads.pending:
-            finished = {name: payloads.finish(getattr(message, name)) for name in fields}
+            try:
+                finished = {name: payloads.finish(getattr(message, name)) for name in fields}
+            except Exception as exc:  # a registered type's from_wire refused the peer's value
+                if isinstance(message, TaskAssign):
+                    reason = f"cannot decode the task's payload: {exc!r}"
+                    return msgspec.structs.replace(message, meta={}, data=InvalidPayload(reason))
+                raise FrameError(f"malformed {type(message).__name__}: {exc!r}") from None
             message = msgspec.structs.replace(message, **finished)
         return message
 

@@ -112,8 +112,8 @@ class InvalidPayload:
 
 def _unsupported(value: Any, path: str) -> TypeError:
     return TypeError(
-        f"{path} is a {type(value).__qualname__}, which cannot be sent: payloads hold None, bool, "
-        "int, float, str, bytes, list, tuple, dict with str keys and numpy arrays "
+        f"{path} is of type {type(value).__qualname__}, which cannot be sent: payloads hold None, "
+        "bool, int, float, str, bytes, list, tuple, dict with str keys and numpy arrays "
         "(register other types with register_payload_type)"
     )
 
@@ -258,11 +258,8 @@ class PayloadDecoder:
             # The one copy on the receive side: bytes are immutable, so they are made once filled.
             return _Pending(lambda: bytes(buffer))
         if code == EXT_TUPLE:
-            items = msgspec.msgpack.decode(data, ext_hook=self.ext_hook)
-            if any(isinstance(item, _Pending) for item in items):
-                self.pending = True
-                return _Pending(lambda: tuple(_resolve(item) for item in items))
-            return tuple(items)
+            # Anything waiting for its buffer inside is made when `finish` walks the tuple.
+            return tuple(msgspec.msgpack.decode(data, ext_hook=self.ext_hook))
         if code == EXT_CUSTOM:
             name, inner = msgspec.msgpack.decode(data, ext_hook=self.ext_hook)
             custom = _types_by_name.get(name)
@@ -288,14 +285,16 @@ class PayloadDecoder:
 def _resolve(value: Any) -> Any:
     if isinstance(value, _Pending):
         return value.make()
+    if isinstance(value, tuple):
+        return tuple(_resolve(item) for item in value)
     if isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(item, (_Pending, dict, list)):
+            if isinstance(item, (_Pending, dict, list, tuple)):
                 value[key] = _resolve(item)
         return value
     if isinstance(value, list):
         for index, item in enumerate(value):
-            if isinstance(item, (_Pending, dict, list)):
+            if isinstance(item, (_Pending, dict, list, tuple)):
                 value[index] = _resolve(item)
         return value
     return value

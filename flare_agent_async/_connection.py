@@ -6,6 +6,7 @@ heartbeats and the liveness deadline are written once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -42,7 +43,9 @@ class Connection:
     """Runs a reader and a writer over ``stream`` until either ends; returns why it ended.
 
     * the writer sends whatever ``data_to_send()`` returns, in order; when nothing was sent for
-      ``idle_interval()`` seconds it calls ``on_idle()`` (which queues a heartbeat, say);
+      ``idle_interval()`` seconds it calls ``on_idle()`` (which queues a heartbeat, say); when
+      ``deferred()`` gives a delay, it sends ``flush_deferred()`` once the delay is over unless
+      something else went first;
     * the reader hands every message to ``handle`` and wakes the writer; if nothing arrives for
       ``read_timeout()`` seconds (not a message, not a byte of one, and no send the peer made
       room for) the peer is declared silent;
@@ -59,6 +62,8 @@ class Connection:
         read_timeout: Callable[[], float],
         idle_interval: Callable[[], float | None] = lambda: None,
         on_idle: Callable[[], None] = _never,
+        deferred: Callable[[], float | None] = lambda: None,
+        flush_deferred: Callable[[], list[Message]] = list,
         on_progress: Callable[[Progress], object] | None = None,
         on_protocol_error: Callable[[ProtocolError], None] | None = None,
     ) -> None:
@@ -69,6 +74,8 @@ class Connection:
         self._read_timeout = read_timeout
         self._idle_interval = idle_interval
         self._on_idle = on_idle
+        self._deferred = deferred
+        self._flush_deferred = flush_deferred
         self._on_protocol_error = on_protocol_error
         self._wakeup: anyio.Event | None = None  # set while the writer waits
         self._scope = anyio.CancelScope()
@@ -144,29 +151,44 @@ class Connection:
         self._draining = False
 
     async def _write(self) -> None:
-        stream = self.stream
         last_sent = anyio.current_time()
         while True:
             messages = self._data_to_send()
             if messages:
-                for message in messages:
-                    await stream.send(message)
-                # Sent messages may hold models: keep no reference while waiting.
-                del messages, message
+                await self._send(messages)
+                del messages  # sent messages may hold models: keep no reference while waiting
                 last_sent = anyio.current_time()
                 continue
             if self._finished():
                 return
             wakeup = self._wakeup = anyio.Event()
             interval = self._idle_interval()
-            if interval is None:
+            delay = self._deferred()
+            if interval is None and delay is None:
                 await wakeup.wait()
                 continue
             # Idle means nothing sent for an interval, however much was received meanwhile.
-            with anyio.CancelScope(deadline=last_sent + interval) as idle:
+            idle_at = math.inf if interval is None else last_sent + interval
+            flush_at = math.inf if delay is None else anyio.current_time() + delay
+            with anyio.CancelScope(deadline=min(idle_at, flush_at)) as timer:
                 await wakeup.wait()
-            if idle.cancelled_caught:
-                self._on_idle()
+            if timer.cancelled_caught:
+                if anyio.current_time() >= flush_at:
+                    messages = self._flush_deferred()
+                    if messages:
+                        await self._send(messages)
+                        del messages
+                        last_sent = anyio.current_time()
+                elif anyio.current_time() >= idle_at:
+                    self._on_idle()
+
+    async def _send(self, messages: list[Message]) -> None:
+        stream = self.stream
+        if isinstance(stream, FramedMessageStream):
+            await stream.send_batch(messages)  # one system call for small messages
+        else:
+            for message in messages:
+                await stream.send(message)
 
     async def _read(self) -> None:
         stream = self.stream

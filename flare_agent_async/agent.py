@@ -31,6 +31,7 @@ from .exceptions import (
     TransportError,
 )
 from .protocol import (
+    ACK_DELAY,
     AgentProtocol,
     AgentState,
     BadTask,
@@ -252,13 +253,15 @@ class AsyncFlareAgent:
         """
         seconds = check_timeout(timeout)
         self._check_started()
+        task = self._protocol.fetch_task()
+        if task is not None:
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+            return task
         with anyio.move_on_after(seconds):
-            while True:
-                task = self._protocol.fetch_task()
-                if task is not None:
-                    return task
+            while task is None:
                 await self._wait_changed()
-        return None
+                task = self._protocol.fetch_task()
+        return task
 
     async def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result and wait until the site acknowledges it.
@@ -415,7 +418,9 @@ class AsyncFlareAgent:
 
         connection = Connection(
             stream,
-            data_to_send=protocol.data_to_send,
+            data_to_send=lambda: protocol.data_to_send(flush_acks=False),
+            deferred=lambda: ACK_DELAY if protocol.has_deferred else None,
+            flush_deferred=protocol.data_to_send,
             handle=handle,
             finished=lambda: protocol.state is AgentState.CLOSED,
             read_timeout=read_timeout,

@@ -5,6 +5,7 @@ Nothing here reads a socket, a clock or an event loop; `flare_agent_async.agent`
 """
 
 from ._agent import (
+    ACK_DELAY,
     AgentProtocol,
     AgentState,
     BadTask,
@@ -49,6 +50,7 @@ from ._site import (
 )
 
 __all__ = [
+    "ACK_DELAY",
     "PROTOCOL_VERSION",
     "Abort",
     "AgentProtocol",

@@ -53,7 +53,11 @@ from ._messages import (
 from ._payload import InvalidPayload
 from ._util import RecentIds
 
+ACK_DELAY = 0.01
+"""Seconds a task acknowledgement may wait for a message to ride along with."""
+
 __all__ = [
+    "ACK_DELAY",
     "AgentProtocol",
     "AgentState",
     "BadTask",
@@ -189,7 +193,7 @@ class AgentProtocol:
         self._outbox = [self._hello]
 
     def connection_lost(self) -> None:
-        """The connection is gone; unsent messages are dropped.
+        """The connection is gone; unsent messages are dropped (acks too: the site resends).
 
         The next connection resends what matters: the hello, unacknowledged results and the logs
         queued while disconnected. Log records and heartbeats that were in flight are lost.
@@ -198,10 +202,22 @@ class AgentProtocol:
             self.state = AgentState.IDLE
         self._outbox.clear()
 
-    def data_to_send(self) -> list[Message]:
-        """The messages to send now, in order; the outbox is empty afterwards."""
+    def data_to_send(self, *, flush_acks: bool = True) -> list[Message]:
+        """The messages to send now, in order; the outbox is empty afterwards.
+
+        Task acknowledgements may wait: with ``flush_acks=False`` an outbox of nothing but acks
+        stays for later, so that a quick trainer's result and the ack of its task leave
+        together. The driver flushes them after `ACK_DELAY` at the latest.
+        """
+        if not flush_acks and self.has_deferred:
+            return []
         out, self._outbox = self._outbox, []
         return out
+
+    @property
+    def has_deferred(self) -> bool:
+        """Whether the outbox holds task acknowledgements and nothing else."""
+        return bool(self._outbox) and all(type(message) is TaskAck for message in self._outbox)
 
     def close(self, reason: str) -> None:
         """Close for good: say goodbye if connected; unsettled results count as not submitted."""

@@ -23,6 +23,7 @@ __all__ = ["ByteStream", "FramedMessageStream", "Progress"]
 PROGRESS_MIN_BYTES = 1 << 20
 """Frames at least this large report their progress."""
 _YIELD_EVERY_BYTES = 4 << 20
+_YIELD_EVERY_MESSAGES = 16
 
 
 class ByteStream(ABC):
@@ -91,6 +92,8 @@ class FramedMessageStream(ObjectStream[Message]):
         # Each direction breaks on its own: after a bad frame in, a goodbye can still go out.
         self._receive_broken: BaseException | None = None
         self._send_broken: BaseException | None = None
+        self._unyielded_messages = 0
+        self._unyielded_sends = 0
         self.on_activity: Callable[[], object] | None = None
         self.on_progress: Callable[[Progress], object] | None = None
 
@@ -103,6 +106,11 @@ class FramedMessageStream(ObjectStream[Message]):
     async def receive(self) -> Message:
         self._check_open(self._receive_broken)
         reader, stream = self._reader, self._stream
+        if self._unyielded_messages >= _YIELD_EVERY_MESSAGES:
+            # Messages already buffered are handed out without waiting; now and then let the
+            # rest of the program run (before taking one, so a cancellation loses nothing).
+            await anyio.lowlevel.checkpoint()
+            self._unyielded_messages = 0
         waited = False
         unyielded = 0  # bytes read since the last time this task let others run
         try:
@@ -118,10 +126,15 @@ class FramedMessageStream(ObjectStream[Message]):
                 reader.bytes_read(count)  # from here on, a cancellation loses nothing
                 if self.on_activity is not None:
                     self.on_activity()
-                if reader.frame_bytes >= PROGRESS_MIN_BYTES and self.on_progress is not None:
+                if self.on_progress is not None and reader.frame_bytes >= PROGRESS_MIN_BYTES:
                     kind, task_id = reader.frame_message
                     done, total = reader.frame_bytes_read, reader.frame_bytes
+                    message = reader.next_message()
+                    if message is not None:  # complete: staged bytes were counted on the way
+                        done = total
                     self.on_progress(Progress("receive", kind, task_id, done, total))
+                    if message is not None:
+                        break
                 if stream.waited_to_receive:
                     waited, unyielded = True, 0
                 else:
@@ -133,14 +146,26 @@ class FramedMessageStream(ObjectStream[Message]):
         except (FrameError, anyio.BrokenResourceError) as exc:
             self._receive_broken = exc
             raise
-        if not waited:  # a schedule point, without losing the message to a cancellation
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+        if waited:
+            self._unyielded_messages = 0
+        else:
+            self._unyielded_messages += 1
         return message
 
     async def send(self, item: Message) -> None:
-        parts = encode_frame(item)  # a payload that cannot be sent fails here, before any byte
-        total = sum(part.nbytes for part in parts)
+        await self.send_batch([item])
+
+    async def send_batch(self, items: Sequence[Message]) -> None:
+        """Send messages in order, small ones together in one system call."""
+        frames = [encode_frame(item) for item in items]  # what cannot be sent fails here
+        sizes = [sum(part.nbytes for part in frame) for frame in frames]
+        parts = [part for frame in frames for part in frame]
+        total = sum(sizes)
         report = total >= PROGRESS_MIN_BYTES and self.on_progress is not None
+        item = items[sizes.index(max(sizes))]  # progress is told of the largest
+        if self._unyielded_sends >= _YIELD_EVERY_MESSAGES:
+            await anyio.lowlevel.checkpoint()  # nothing is sent yet: a cancellation is harmless
+            self._unyielded_sends = 0
         async with self._send_lock:
             self._check_open(self._send_broken)
             sent = unyielded = 0
@@ -172,8 +197,7 @@ class FramedMessageStream(ObjectStream[Message]):
                     with anyio.CancelScope(shield=True):
                         await self._stream.aclose()
                 raise
-        if not waited:
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+        self._unyielded_sends = 0 if waited else self._unyielded_sends + 1
 
     async def discard_incoming(self) -> None:
         """Read and drop whatever the peer still sends, until it closes the connection.

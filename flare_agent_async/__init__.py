@@ -31,6 +31,7 @@ from .exceptions import (
     UnknownAgent,
 )
 from .site import FlareSite, LogRecord
+from .sync import SyncFlareAgent
 
 __all__ = [
     "RC",
@@ -50,6 +51,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "SiteError",
+    "SyncFlareAgent",
     "Task",
     "TaskAborted",
     "TaskResult",

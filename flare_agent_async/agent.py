@@ -145,9 +145,7 @@ class AsyncFlareAgent:
         self._failure: BaseException | None = None
         self._rejection: str | None = None
         self._stopped = False
-        # Shielded: the connection outlives a cancelled ``async with`` body until stop() ends it,
-        # so results submitted in that body are still delivered.
-        self._run_scope = anyio.CancelScope(shield=True)
+        self._run_scope: anyio.CancelScope
         self._run_done: anyio.Event
         self._exit_on_stop = False
         self._host_task = 0
@@ -218,6 +216,9 @@ class AsyncFlareAgent:
         if self._group is not None or self._stopped:
             raise CallStateError("the agent was already started; create a new one to start again")
         self._run_done = anyio.Event()
+        # Shielded: the connection outlives a cancelled ``async with`` body until stop() ends it,
+        # so results submitted in that body are still delivered.
+        self._run_scope = anyio.CancelScope(shield=True)
         self._exit_on_stop = exit_on_stop
         self._host_task = anyio.get_current_task().id
         group = self._group = anyio.create_task_group()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from .defs import TaskResult
 from .exceptions import TransportError
 from .protocol import PROTOCOL_VERSION, Hello, Message, Welcome
 from .site import FlareSite
-from .transports import Connector, MemoryListener, MessageStream
+from .transports import Connector, MessageListener, MessageStream, create_listener
 
 __all__ = [
     "FaultyConnector",
@@ -87,7 +88,8 @@ async def run_trainer(
 class ScriptedPeer:
     """The site end of agents' connections, driven by hand: for tests of the agent's rules.
 
-    ::
+    It listens at ``url`` (``memory://`` by default; any transport URL works, with ``options``
+    such as ``ssl_context``)::
 
         async with ScriptedPeer("site-1") as peer, anyio.create_task_group() as group:
             stream = await peer.start_agent(agent, group)  # hello read and welcomed
@@ -100,35 +102,57 @@ class ScriptedPeer:
         self,
         site_name: str = "site-1",
         *,
+        url: str = "memory://",
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 30.0,
+        **options: Any,
     ) -> None:
         self.site_name = site_name
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self._listener = MemoryListener()
+        self._listen_url = url
+        self._options = options
+        self._listener: MessageListener | None = None
+        self._accepted_send, self._accepted = anyio.create_memory_object_stream[MessageStream](
+            math.inf
+        )
+        self._group: TaskGroup | None = None
         self._streams: list[MessageStream] = []
         self.hellos: list[Hello] = []
 
     @property
     def url(self) -> str:
+        """The URL agents connect to."""
+        assert self._listener is not None, "use ScriptedPeer in an async with block"
         return self._listener.url
 
     async def __aenter__(self) -> ScriptedPeer:
+        self._listener = await create_listener(self._listen_url, **self._options)
+        group = self._group = anyio.create_task_group()
+        await group.__aenter__()
+        group.start_soon(self._listener.serve, self._accepted_send.send, group)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+        assert self._group is not None
+        self._group.cancel_scope.cancel()
+        await self._group.__aexit__(None, None, None)
+        self._accepted_send.close()
+        async with self._accepted:
+            async for stream in self._accepted:  # accepted, never taken by the test
+                await stream.aclose()
 
     async def aclose(self) -> None:
         """Stop accepting connections (agents that reconnect are refused) and close all accepted."""
-        await self._listener.aclose()
+        if self._listener is not None:
+            await self._listener.aclose()
         for stream in self._streams:
             await stream.aclose()
 
     async def accept(self) -> MessageStream:
         """The next raw connection, nothing read from it yet; closed with the peer."""
-        stream = await self._listener.accept()
+        stream = await self._accepted.receive()
         self._streams.append(stream)
         return stream
 

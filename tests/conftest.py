@@ -1,8 +1,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
+
+from flare_agent_async import AsyncFlareAgent, SyncFlareAgent, Task, TaskResult
 
 #: The event loops async tests run on; ``FLARE_AGENT_ASYNC_BACKENDS=trio`` narrows it (nox does).
 BACKENDS = os.environ.get("FLARE_AGENT_ASYNC_BACKENDS", "asyncio,trio").split(",")
@@ -12,3 +18,74 @@ BACKENDS = os.environ.get("FLARE_AGENT_ASYNC_BACKENDS", "asyncio,trio").split(",
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run every ``@pytest.mark.anyio`` test on each backend."""
     return str(request.param)
+
+
+class SyncDriver:
+    """Drives a `SyncFlareAgent` from async tests, each blocking call in a worker thread, so the
+    same test runs through the async agent and through the synchronous facade."""
+
+    def __init__(self, agent: SyncFlareAgent) -> None:
+        self.agent = agent
+
+    @property
+    def agent_id(self) -> str:
+        return self.agent.agent_id
+
+    @property
+    def connected(self) -> bool:
+        return self.agent.connected
+
+    async def start(self) -> None:
+        await anyio.to_thread.run_sync(self.agent.start)
+
+    async def stop(self) -> None:
+        await anyio.to_thread.run_sync(self.agent.stop)
+
+    async def __aenter__(self) -> SyncDriver:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def get_task(self, timeout: float | None = None) -> Task | None:
+        return await anyio.to_thread.run_sync(self.agent.get_task, timeout)
+
+    async def submit_result(self, result: TaskResult) -> bool:
+        return await anyio.to_thread.run_sync(self.agent.submit_result, result)
+
+    async def log(self, key: str, value: Any, step: int | None = None) -> None:
+        await anyio.to_thread.run_sync(self.agent.log, key, value, step)
+
+    async def tasks(self) -> AsyncIterator[Task]:
+        iterator = self.agent.tasks()
+        while (task := await anyio.to_thread.run_sync(next, iterator, None)) is not None:
+            yield task
+
+
+Agent = AsyncFlareAgent | SyncDriver
+
+
+@pytest.fixture(params=["async", "sync"])
+def driver(request: pytest.FixtureRequest) -> str:
+    """Which agent the behaviour tests drive: the async agent, or the synchronous facade."""
+    return str(request.param)
+
+
+@pytest.fixture
+def listen_url(driver: str) -> str:
+    """Where sites listen: in memory for the async agent; the sync facade has a loop of its own,
+    so it needs a real transport."""
+    return "memory://" if driver == "async" else "tcp://127.0.0.1:0"
+
+
+@pytest.fixture
+def make_agent(driver: str, anyio_backend: str) -> Callable[..., Agent]:
+    """Make the agent under test: ``make_agent(url_or_connector, agent_id=..., ...)``."""
+
+    def make(site: Any, **options: Any) -> Agent:
+        if driver == "async":
+            return AsyncFlareAgent(site, **options)
+        return SyncDriver(SyncFlareAgent(site, backend=anyio_backend, **options))
+
+    return make

@@ -1,15 +1,12 @@
-"""The behaviour table of DESIGN.md section 2, row by row, through AsyncFlareAgent."""
+"""AsyncFlareAgent beyond the shared behaviour suite (test_behaviour.py): cancelling its calls,
+abort scopes, faults injected inside its event loop, reconnects and shutdown races."""
 
 from __future__ import annotations
 
-import math
-
 import anyio
 import pytest
-from anyio.abc import TaskStatus
 
 from flare_agent_async import (
-    RC,
     AgentClosed,
     AsyncFlareAgent,
     CallStateError,
@@ -20,11 +17,9 @@ from flare_agent_async import (
 )
 from flare_agent_async.protocol import (
     Abort,
-    Bye,
     Heartbeat,
     Log,
     Result,
-    ResultAck,
     TaskAck,
     TaskAssign,
     Welcome,
@@ -50,218 +45,6 @@ async def drain_until_closed(stream: MessageStream) -> None:
             await stream.receive()
     except anyio.EndOfStream:
         return
-
-
-async def test_get_task_before_start_is_a_call_state_error() -> None:
-    agent = AsyncFlareAgent("memory://nowhere", agent_id="a1", site_name="site-1")
-    with pytest.raises(CallStateError, match="not started"):
-        await agent.get_task(timeout=1)
-    with pytest.raises(CallStateError, match="not started"):
-        await agent.submit_result(OK)
-
-
-@pytest.mark.parametrize("timeout", ["1", [1], True, object()])
-async def test_get_task_rejects_a_timeout_that_is_not_a_number(timeout: object) -> None:
-    async with site_and_agent() as (_, agent):
-        with pytest.raises(TypeError, match="timeout must be"):
-            await agent.get_task(timeout)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("timeout", [0, -1, 0.0, -math.inf, math.nan])
-async def test_get_task_rejects_a_timeout_that_is_not_positive(timeout: float) -> None:
-    async with site_and_agent() as (_, agent):
-        with pytest.raises(ValueError, match="timeout must > 0"):
-            await agent.get_task(timeout)
-
-
-async def test_no_task_within_timeout_returns_none_and_a_later_task_is_kept() -> None:
-    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        assert await agent.get_task(timeout=0.01) is None
-        results: list[TaskResult] = []
-
-        async def run() -> None:
-            results.append(await site.run_task("agent-1", "train", {"x": 1}))
-
-        group.start_soon(run)
-        await anyio.wait_all_tasks_blocked()
-        task = await agent.get_task(timeout=5)
-        assert task is not None and task.data == {"x": 1}
-        assert await agent.submit_result(OK)
-    assert results[0].data == {"ok": True}
-
-
-async def test_get_task_without_timeout_waits_for_a_task() -> None:
-    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        got: list[Task | None] = []
-
-        async def fetch() -> None:
-            got.append(await agent.get_task())
-
-        group.start_soon(fetch)
-        await anyio.wait_all_tasks_blocked()
-        assert got == []
-        group.start_soon(site.run_task, "agent-1", "train", 7)
-        with anyio.fail_after(5):
-            while not got:
-                await anyio.wait_all_tasks_blocked()
-        assert got[0] is not None and got[0].data == 7
-        await agent.submit_result(OK)
-
-
-async def test_get_task_without_timeout_wakes_with_agent_closed_when_the_agent_stops() -> None:
-    async with site_and_agent() as (_, agent):
-        errors: list[BaseException] = []
-
-        async def fetch() -> None:
-            try:
-                await agent.get_task()
-            except AgentClosed as exc:
-                errors.append(exc)
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(fetch)
-            await anyio.wait_all_tasks_blocked()
-            await agent.stop()
-        assert len(errors) == 1
-        with pytest.raises(AgentClosed):
-            await agent.get_task(timeout=1)
-
-
-async def test_get_task_while_the_fetched_task_has_no_result_is_a_call_state_error() -> None:
-    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        group.start_soon(site.run_task, "agent-1", "train", 1)
-        task = await agent.get_task(timeout=5)
-        assert task is not None
-        with pytest.raises(CallStateError, match="submit_result first"):
-            await agent.get_task(timeout=1)
-        assert await agent.submit_result(OK)
-
-
-async def test_site_goodbye_closes_the_agent() -> None:
-    leave = anyio.Event()
-
-    async def run_site(*, task_status: TaskStatus[str]) -> None:
-        async with FlareSite("site-1") as site:
-            task_status.started(await site.listen("memory://"))
-            await leave.wait()  # leaving the site says goodbye
-
-    async with anyio.create_task_group() as group:
-        url = await group.start(run_site)
-        agent = AsyncFlareAgent(url, agent_id="a1", site_name="site-1")
-        await agent.start()
-        errors: list[AgentClosed] = []
-
-        async def fetch() -> None:
-            with pytest.raises(AgentClosed, match="goodbye") as info:
-                await agent.get_task()
-            errors.append(info.value)
-
-        group.start_soon(fetch)
-        await anyio.wait_all_tasks_blocked()
-        leave.set()
-        with anyio.fail_after(5):
-            while not errors:
-                await anyio.wait_all_tasks_blocked()
-        assert [task async for task in agent.tasks()] == []  # ends quietly after a goodbye
-        await agent.stop()
-
-
-async def test_a_silent_site_is_declared_dead_and_the_agent_closes() -> None:
-    async with ScriptedPeer(heartbeat_interval=0.02, heartbeat_timeout=0.1) as peer:
-        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1", reconnect_timeout=0.2)
-        async with anyio.create_task_group() as group:
-            stream = await peer.start_agent(agent, group)
-            await peer.aclose()  # the agent cannot reconnect
-            # The peer never answers: the agent's heartbeats go unanswered.
-            with anyio.fail_after(5), pytest.raises(AgentClosed, match="site is gone"):
-                await agent.get_task()
-            await stream.aclose()
-            with pytest.raises(AgentClosed):
-                async for _ in agent.tasks():
-                    pass
-            await agent.stop()
-
-
-async def test_a_submit_in_flight_returns_false_when_the_site_says_goodbye() -> None:
-    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
-        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
-        stream = await peer.start_agent(agent, group)
-        await stream.send(assign("t1", 1))
-        task = await agent.get_task(timeout=5)
-        assert task is not None
-        outcome: list[bool] = []
-
-        async def submit() -> None:
-            outcome.append(await agent.submit_result(OK))
-
-        group.start_soon(submit)
-        result = await peer.receive_until(stream, Result)
-        assert result.task_id == "t1"
-        await stream.send(Bye(reason="job ended"))
-        with anyio.fail_after(5):
-            while not outcome:
-                await anyio.wait_all_tasks_blocked()
-        assert outcome == [False]
-        await agent.stop()
-
-
-async def test_submit_result_with_a_wrong_type_is_a_type_error_and_changes_nothing() -> None:
-    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        group.start_soon(site.run_task, "agent-1", "train", 1)
-        assert await agent.get_task(timeout=5) is not None
-        with pytest.raises(TypeError, match="TaskResult"):
-            await agent.submit_result({"ok": True})  # type: ignore[arg-type]
-        assert await agent.submit_result(OK)
-
-
-async def test_submit_result_without_a_task_or_twice_is_a_call_state_error() -> None:
-    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        with pytest.raises(CallStateError, match="without a fetched task"):
-            await agent.submit_result(OK)
-        group.start_soon(site.run_task, "agent-1", "train", 1)
-        assert await agent.get_task(timeout=5) is not None
-        assert await agent.submit_result(OK)
-        with pytest.raises(CallStateError, match="without a fetched task"):
-            await agent.submit_result(OK)
-
-
-async def test_submit_result_returns_true_once_the_site_acknowledged() -> None:
-    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
-        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
-        stream = await peer.start_agent(agent, group)
-        await stream.send(assign("t1"))
-        assert await agent.get_task(timeout=5) is not None
-        outcome: list[bool] = []
-
-        async def submit() -> None:
-            outcome.append(await agent.submit_result(OK))
-
-        group.start_soon(submit)
-        await peer.receive_until(stream, Result)
-        await anyio.wait_all_tasks_blocked()
-        assert outcome == []  # not before the acknowledgement
-        await stream.send(ResultAck(task_id="t1", accepted=True))
-        with anyio.fail_after(5):
-            while not outcome:
-                await anyio.wait_all_tasks_blocked()
-        assert outcome == [True]
-        await agent.stop()
-
-
-async def test_submit_result_returns_false_when_the_site_refuses_the_result() -> None:
-    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
-        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
-        stream = await peer.start_agent(agent, group)
-        await stream.send(assign("t1"))
-        assert await agent.get_task(timeout=5) is not None
-
-        async def refuse() -> None:
-            result = await peer.receive_until(stream, Result)
-            await stream.send(ResultAck(task_id=result.task_id, accepted=False, reason="no"))
-
-        group.start_soon(refuse)
-        assert await agent.submit_result(OK) is False
-        await agent.stop()
 
 
 async def test_a_lost_connection_while_submitting_resends_and_the_site_keeps_one_result() -> None:
@@ -303,28 +86,6 @@ async def test_a_result_lost_with_its_connection_is_resent_after_reconnecting() 
             assert faulty.connections == 2
 
 
-async def test_a_task_aborted_before_fetch_is_dropped() -> None:
-    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        outcome: list[BaseException] = []
-
-        async def run() -> None:
-            try:
-                await site.run_task("agent-1", "train", 1, task_id="t1")
-            except TaskAborted as exc:
-                outcome.append(exc)
-
-        group.start_soon(run)
-        await anyio.wait_all_tasks_blocked()  # t1 is pending at the agent
-        assert await site.abort_task("agent-1", "t1")
-        await anyio.wait_all_tasks_blocked()
-        assert len(outcome) == 1
-        assert await agent.get_task(timeout=0.05) is None
-        group.start_soon(site.run_task, "agent-1", "train", 2)
-        task = await agent.get_task(timeout=5)
-        assert task is not None and task.data == 2  # not wedged, unlike NVFlare's agent
-        assert await agent.submit_result(OK)
-
-
 async def test_a_fetched_task_aborted_by_the_site_signals_the_trainer() -> None:
     async with ScriptedPeer() as peer, anyio.create_task_group() as group:
         agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
@@ -354,97 +115,6 @@ async def test_a_fetched_task_aborted_by_the_site_signals_the_trainer() -> None:
             message = await stream.receive()
         assert isinstance(message, Log) and message.key == "loss"
         await agent.stop()
-
-
-async def test_a_new_task_while_the_current_one_is_unsubmitted_aborts_the_current() -> None:
-    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
-        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
-        stream = await peer.start_agent(agent, group)
-        await stream.send(assign("t1", 1))
-        first = await agent.get_task(timeout=5)
-        assert first is not None
-        await stream.send(assign("t2", 2))  # no Abort: NVFlare's sites just send the next task
-        await anyio.wait_all_tasks_blocked()
-        assert first.aborted
-        second = await agent.get_task(timeout=5)
-        assert second is not None and second.task_id == "t2" and not second.aborted
-        await agent.stop()
-
-
-async def test_a_new_task_from_the_site_supersedes_the_running_one() -> None:
-    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        outcome: list[object] = []
-
-        async def run(data: int) -> None:
-            try:
-                outcome.append(await site.run_task("agent-1", "train", data))
-            except TaskAborted as exc:
-                outcome.append(exc)
-
-        group.start_soon(run, 1)
-        first = await agent.get_task(timeout=5)
-        assert first is not None
-        group.start_soon(run, 2)
-        await anyio.wait_all_tasks_blocked()
-        assert first.aborted
-        assert isinstance(outcome[0], TaskAborted)
-        second = await agent.get_task(timeout=5)
-        assert second is not None and second.data == 2
-        assert await agent.submit_result(OK)
-    assert isinstance(outcome[1], TaskResult)
-
-
-async def test_the_same_task_twice_is_acknowledged_and_handed_over_once() -> None:
-    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
-        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
-        stream = await peer.start_agent(agent, group)
-        await stream.send(assign("t1"))
-        await stream.send(assign("t1"))
-        assert (await peer.receive_until(stream, TaskAck)).task_id == "t1"
-        assert (await peer.receive_until(stream, TaskAck)).task_id == "t1"
-        assert await agent.get_task(timeout=5) is not None
-        group.start_soon(agent.submit_result, OK)
-        await peer.receive_until(stream, Result)
-        await stream.send(ResultAck(task_id="t1", accepted=True))
-        await stream.send(assign("t1"))  # a resend after the result: still not a new task
-        await peer.receive_until(stream, TaskAck)
-        assert await agent.get_task(timeout=0.05) is None
-        await agent.stop()
-
-
-@pytest.mark.parametrize(
-    "meta",
-    [pytest.param([1, 2], id="meta-not-a-dict"), pytest.param({1: "x"}, id="meta-key-not-str")],
-)
-async def test_bad_task_data_is_answered_with_bad_task_data_and_the_agent_goes_on(
-    meta: object,
-) -> None:
-    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
-        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
-        stream = await peer.start_agent(agent, group)
-        await stream.send(assign("bad", meta=meta))
-        result = await peer.receive_until(stream, Result)
-        assert (result.task_id, result.return_code) == ("bad", RC.BAD_TASK_DATA)
-        await stream.send(ResultAck(task_id="bad", accepted=True))
-        await stream.send(assign("good", 5))
-        task = await agent.get_task(timeout=5)
-        assert task is not None and task.task_id == "good"
-        await agent.stop()
-
-
-async def test_payloads_that_cannot_be_sent_are_refused_where_they_are_given() -> None:
-    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        with pytest.raises(TypeError, match=r"meta has a key 1 of type int"):
-            await site.run_task("agent-1", "train", 1, meta={1: "x"})  # type: ignore[dict-item]
-        with pytest.raises(TypeError, match=r"data\['model'\]\[0\] is of type object"):
-            await site.run_task("agent-1", "train", {"model": [object()]})
-        group.start_soon(site.run_task, "agent-1", "train", 1)
-        assert await agent.get_task(timeout=5) is not None
-        with pytest.raises(TypeError, match=r"result.data\['w'\] is of type set"):
-            await agent.submit_result(TaskResult({}, {"w": {1, 2}}))
-        with pytest.raises(TypeError, match=r"log value 'loss' is of type complex"):
-            await agent.log("loss", 1j)
-        assert await agent.submit_result(OK)  # nothing changed: the task still takes a result
 
 
 async def test_cancelling_get_task_while_waiting_loses_no_task() -> None:
@@ -518,38 +188,6 @@ async def test_stop_waits_for_submitted_results() -> None:
         await agent.stop()
         await anyio.wait_all_tasks_blocked()
         assert [result.data for result in results] == [{"last": True}]
-
-
-async def test_tasks_iterates_until_the_site_says_goodbye() -> None:
-    seen: list[int] = []
-    async with anyio.create_task_group() as group, FlareSite("site-1") as site:
-        url = await site.listen("memory://")
-
-        async def trainer() -> None:
-            async with AsyncFlareAgent(url, agent_id="a1", site_name="site-1") as agent:
-                async for task in agent.tasks():
-                    seen.append(task.data)
-                    await agent.submit_result(TaskResult({}, {"y": task.data * 10}))
-
-        group.start_soon(trainer)
-        await site.wait_for_agent("a1", timeout=5)
-        results = [await site.run_task("a1", "train", n) for n in range(3)]
-    assert seen == [0, 1, 2]
-    assert [result.data for result in results] == [{"y": 0}, {"y": 10}, {"y": 20}]
-
-
-async def test_start_twice_is_a_call_state_error() -> None:
-    async with site_and_agent() as (_, agent):
-        with pytest.raises(CallStateError, match="already started"):
-            await agent.start()
-
-
-async def test_stop_is_idempotent_and_a_stopped_agent_is_closed() -> None:
-    async with site_and_agent() as (_, agent):
-        await agent.stop()
-        await agent.stop()
-        with pytest.raises(AgentClosed):
-            await agent.get_task(timeout=1)
 
 
 async def test_an_idle_agent_keeps_its_connection_alive_with_heartbeats() -> None:

@@ -29,6 +29,7 @@ EXPECTED_ALL = [
     "RC",
     "RemoteProtocolError",
     "SiteError",
+    "SyncFlareAgent",
     "Task",
     "TaskAborted",
     "TaskResult",

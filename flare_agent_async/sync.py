@@ -1,0 +1,253 @@
+"""`SyncFlareAgent`: NVIDIA FLARE's blocking `FlareAgent` contract, on a background event loop.
+
+A synchronous training script keeps its loop as it is::
+
+    with SyncFlareAgent("tcp://127.0.0.1:8002", agent_id="a1", site_name="site-1") as agent:
+        for task in agent.tasks():  # until the site says goodbye
+            agent.submit_result(TaskResult({}, train(task.data)))
+
+It runs one `AsyncFlareAgent` on an event loop in a thread of its own, and only crosses threads:
+each call is one trip through an anyio blocking portal, and every rule is the async agent's.
+
+Thread rules:
+
+* any thread may call `get_task`, `submit_result` and `stop`; two threads calling `get_task` at
+  once get one task and one `CallStateError`, as with two tasks of the async agent;
+* `stop()` from another thread, or from a signal handler, wakes a blocked `get_task` at once
+  with `AgentClosed`;
+* a `KeyboardInterrupt` while blocked cancels the call the async way (a task stays queued, a
+  result is still delivered) and leaves the agent stoppable;
+* the agent's event loop is its own: calling threads may run event loops of their own
+  (a notebook's, say);
+* abort callbacks (`Task.add_abort_callback`) run in the agent's thread; `Task.aborted` can be
+  read from any thread;
+* nothing is left behind: `stop()` joins the thread and closes the connection, and so does
+  garbage collection of a started agent, or interpreter exit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+import anyio.from_thread
+
+from .agent import AsyncFlareAgent, check_timeout
+from .defs import FlareAgent, Task, TaskResult
+from .exceptions import AgentClosed, CallStateError
+
+__all__ = ["SyncFlareAgent"]
+
+T = TypeVar("T")
+
+_BACKENDS = {
+    "asyncio": ("asyncio", {}),
+    "trio": ("trio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+}
+
+
+class _Runner:
+    """The event loop thread and the agent in it; kept apart from the agent object so that a
+    finalizer can stop it after the object is gone."""
+
+    def __init__(self, agent: AsyncFlareAgent, backend: str, name: str) -> None:
+        self.agent = agent
+        self.portal: anyio.from_thread.BlockingPortal | None = None
+        self._backend, self._options = _BACKENDS[backend]
+        self._ready: concurrent.futures.Future[anyio.from_thread.BlockingPortal] = (
+            concurrent.futures.Future()
+        )
+        # A daemon thread: interpreter exit must not wait for it before the finalizer runs.
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def _run(self) -> None:
+        try:
+            anyio.run(self._main, backend=self._backend, backend_options=self._options)
+        except BaseException as exc:  # a failed start: told to start() through the future
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+
+    async def _main(self) -> None:
+        async with anyio.from_thread.BlockingPortal() as portal, self.agent:
+            self._ready.set_result(portal)
+            await portal.sleep_until_stopped()
+
+    def start(self) -> None:
+        self.thread.start()
+        try:
+            self.portal = self._ready.result()
+        except BaseException:
+            self.thread.join()
+            raise
+
+    def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``function(*args)`` in the agent's loop and wait for it.
+
+        Interrupted while waiting (``KeyboardInterrupt``), the call is cancelled there, the
+        async way, before the interruption goes on.
+        """
+        portal = self.portal
+        if portal is None or self._closed:
+            raise AgentClosed("the agent is stopped")
+        try:
+            future = portal.start_task_soon(function, *args)
+        except RuntimeError as exc:  # the portal stopped between the check and the call
+            raise AgentClosed("the agent is stopped") from exc
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        """Stop the agent (it says goodbye) and the loop; join the thread. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        portal = self.portal
+        if portal is not None:
+            try:
+                portal.call(self.agent.stop)
+                portal.call(portal.stop)
+            except RuntimeError:
+                pass  # the loop is already gone
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
+
+
+class SyncFlareAgent(FlareAgent):
+    """A blocking agent for synchronous trainers: `AsyncFlareAgent` on a thread of its own.
+
+    Takes the same options as `AsyncFlareAgent`, plus ``backend``: ``"asyncio"`` (default),
+    ``"trio"`` or ``"uvloop"`` (when installed). Also a context manager (start on entry, stop on
+    exit). See the module docstring for the thread rules.
+    """
+
+    def __init__(
+        self,
+        site: Any,
+        *,
+        agent_id: str,
+        site_name: str,
+        backend: str = "asyncio",
+        **options: Any,
+    ) -> None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+        self._agent = AsyncFlareAgent(site, agent_id=agent_id, site_name=site_name, **options)
+        self._backend = backend
+        self._runner: _Runner | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._lock = threading.RLock()  # re-entrant: stop() may come from a signal handler
+
+    @property
+    def agent_id(self) -> str:
+        return self._agent.agent_id
+
+    @property
+    def connected(self) -> bool:
+        """Whether the agent is connected to its site right now."""
+        return self._agent.connected
+
+    def start(self) -> None:
+        """Start the agent's thread and connect; returns once the site welcomed the agent.
+
+        :raises ConnectionRejected, TransportError: as `AsyncFlareAgent.start`.
+        :raises CallStateError: the agent was already started.
+        """
+        with self._lock:
+            if self._runner is not None:
+                raise CallStateError(
+                    "the agent was already started; create a new one to start again"
+                )
+            runner = self._runner = _Runner(
+                self._agent, self._backend, name=f"flare-agent-{self.agent_id}"
+            )
+            runner.start()
+            # Stop the loop when this object is collected, or at interpreter exit.
+            self._finalizer = weakref.finalize(self, runner.close)
+
+    def stop(self) -> None:
+        """Stop the agent: submitted results are delivered first (up to ``close_timeout``), the
+        site is told goodbye, the thread is joined. Idempotent; callable from any thread and from
+        signal handlers. A blocked `get_task` raises `AgentClosed`."""
+        with self._lock:
+            runner = self._runner
+        if runner is not None:
+            runner.close()
+
+    def _running(self) -> _Runner:
+        runner = self._runner
+        if runner is None:
+            raise CallStateError("the agent is not started: call start() first")
+        return runner
+
+    def get_task(self, timeout: float | None = None) -> Task | None:
+        """Wait for the next task, up to ``timeout`` seconds (None: until one arrives).
+
+        :returns: the task, or None if none arrived in time (a task arriving later is kept).
+        :raises AgentClosed: the agent is closed, or stopped meanwhile.
+        :raises CallStateError: not started, or the current task has no result yet.
+        :raises TypeError, ValueError: ``timeout`` is not a positive number.
+        """
+        check_timeout(timeout)
+        return self._running().call(self._agent.get_task, timeout)
+
+    def submit_result(self, result: TaskResult) -> bool:
+        """Submit the current task's result; blocks until the site acknowledged it.
+
+        :returns: True once the site kept it; False if the task was aborted, the site refused
+            the result, or the agent closed first.
+        :raises TypeError: ``result`` is not a `TaskResult`.
+        :raises CallStateError: no task was fetched, or its result was already submitted.
+        """
+        runner = self._running()
+        try:
+            return runner.call(self._agent.submit_result, result)
+        except AgentClosed:
+            if isinstance(result, TaskResult):
+                return False  # stopped before the result could go: the contract says False
+            raise
+
+    def tasks(self) -> Iterator[Task]:
+        """Iterate over tasks until the site says goodbye or the agent is stopped.
+
+        Submit each task's result (or let it be aborted) before asking for the next one.
+
+        :raises AgentClosed: the agent closed because of a failure (the site is gone, say).
+        """
+        while True:
+            try:
+                task = self.get_task()
+            except AgentClosed:
+                if self._agent._failure is not None:
+                    raise
+                return
+            assert task is not None
+            yield task
+            del task  # not kept alive while waiting for the next one
+
+    def log(self, key: str, value: Any, step: int | None = None) -> None:
+        """Send a log record (a metric, usually) to the site; see `AsyncFlareAgent.log`."""
+        self._running().call(self._agent.log, key, value, step)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,267 @@
+"""SyncFlareAgent's own rules: threads, signals, KeyboardInterrupt, a caller with its own event
+loop, nothing left behind. (The behaviour table runs through it in test_behaviour.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import pytest
+
+from flare_agent_async import (
+    AgentClosed,
+    CallStateError,
+    FlareAgent,
+    FlareSite,
+    SyncFlareAgent,
+    Task,
+    TaskResult,
+)
+
+OK = TaskResult({}, {"ok": True})
+
+
+class SiteThread:
+    """A FlareSite on an event loop in a background thread, called from the test's thread."""
+
+    def __init__(self, portal: anyio.from_thread.BlockingPortal, site: FlareSite, url: str):
+        self.portal, self.site, self.url = portal, site, url
+
+    def run_task_soon(self, agent_id: str, data: Any, **options: Any) -> Future[TaskResult]:
+        async def run() -> TaskResult:
+            return await self.site.run_task(agent_id, "train", data, **options)
+
+        return self.portal.start_task_soon(run)
+
+    def wait_for_agent(self, agent_id: str) -> None:
+        self.portal.call(lambda: self.site.wait_for_agent(agent_id, timeout=10))
+
+
+@contextmanager
+def site_thread() -> Iterator[SiteThread]:
+    with anyio.from_thread.start_blocking_portal() as portal:
+        site = FlareSite("site-1")
+        with portal.wrap_async_context_manager(site):
+            url = portal.call(site.listen, "tcp://127.0.0.1:0")
+            yield SiteThread(portal, site, url)
+
+
+def make(url: str, **options: Any) -> SyncFlareAgent:
+    return SyncFlareAgent(url, agent_id="a1", site_name="site-1", **options)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_synchronous_training_loop(backend: str) -> None:
+    with site_thread() as site:
+        results: list[Future[TaskResult]] = []
+        with make(site.url, backend=backend) as agent:
+            assert isinstance(agent, FlareAgent) and agent.connected
+            for n in range(3):
+                results.append(site.run_task_soon("a1", {"n": n}))
+                task = agent.get_task(timeout=10)
+                assert task is not None and task.data == {"n": n}
+                assert agent.submit_result(TaskResult({}, {"n": n + 1}))
+        assert [future.result(10).data for future in results] == [{"n": 1}, {"n": 2}, {"n": 3}]
+
+
+def test_tasks_ends_when_the_site_says_goodbye() -> None:
+    seen: list[int] = []
+    with site_thread() as site:
+        agent = make(site.url)
+        agent.start()
+
+        def trainer() -> None:
+            for task in agent.tasks():
+                seen.append(task.data)
+                agent.submit_result(OK)
+
+        thread = threading.Thread(target=trainer)
+        thread.start()
+        for n in range(3):
+            site.run_task_soon("a1", n).result(10)
+    thread.join(10)  # leaving the site said goodbye: tasks() ended
+    assert not thread.is_alive() and seen == [0, 1, 2]
+    agent.stop()
+
+
+def test_get_task_times_out_on_time_and_keeps_a_later_task() -> None:
+    with site_thread() as site, make(site.url) as agent:
+        started = time.monotonic()
+        assert agent.get_task(timeout=0.05) is None
+        assert 0.05 <= time.monotonic() - started < 0.5  # the timeout, not a polling period
+        future = site.run_task_soon("a1", 1)
+        task = agent.get_task(timeout=10)
+        assert task is not None and task.data == 1
+        agent.submit_result(OK)
+        assert future.result(10).data == {"ok": True}
+
+
+def test_stop_from_another_thread_wakes_a_blocked_get_task_at_once() -> None:
+    with site_thread() as site:
+        agent = make(site.url)
+        agent.start()
+        timer = threading.Timer(0.05, agent.stop)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(AgentClosed):
+            agent.get_task()
+        assert time.monotonic() - started < 5
+        timer.join()
+        agent.stop()  # idempotent
+
+
+def test_stop_from_a_signal_handler_wakes_a_blocked_get_task() -> None:
+    with site_thread() as site:
+        agent = make(site.url)
+        agent.start()
+        previous = signal.signal(signal.SIGUSR1, lambda *_: agent.stop())
+        try:
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            with pytest.raises(AgentClosed):
+                agent.get_task(timeout=10)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert not agent._runner.thread.is_alive()  # type: ignore[union-attr]
+
+
+def test_two_threads_calling_get_task_get_one_task_and_one_call_state_error() -> None:
+    with site_thread() as site, make(site.url) as agent:
+        outcomes: list[object] = []
+        barrier = threading.Barrier(2)
+
+        def fetch() -> None:
+            barrier.wait()
+            try:
+                outcomes.append(agent.get_task(timeout=10))
+            except CallStateError as exc:
+                outcomes.append(exc)
+
+        threads = [threading.Thread(target=fetch) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        future = site.run_task_soon("a1", 1)
+        for thread in threads:
+            thread.join(10)
+        tasks = [outcome for outcome in outcomes if isinstance(outcome, Task)]
+        errors = [outcome for outcome in outcomes if isinstance(outcome, CallStateError)]
+        assert (len(tasks), len(errors)) == (1, 1)
+        agent.submit_result(OK)
+        future.result(10)
+
+
+def test_keyboard_interrupt_while_blocked_loses_nothing_and_the_agent_still_stops() -> None:
+    with site_thread() as site:
+        agent = make(site.url)
+        agent.start()
+        main = threading.main_thread().ident
+        assert main == threading.get_ident()
+        threading.Timer(0.05, signal.pthread_kill, (main, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            agent.get_task()
+        future = site.run_task_soon("a1", 5)  # arrives after the interrupted call
+        task = agent.get_task(timeout=10)
+        assert task is not None and task.data == 5
+        assert agent.submit_result(OK)
+        future.result(10)
+        agent.stop()
+
+
+def test_aborts_reach_a_synchronous_trainer() -> None:
+    with site_thread() as site, make(site.url) as agent:
+        future = site.run_task_soon("a1", 1, task_id="t1")
+        task = agent.get_task(timeout=10)
+        assert task is not None and not task.aborted
+        aborted = threading.Event()
+        task.add_abort_callback(aborted.set)
+        site.portal.call(site.site.abort_task, "a1", "t1")
+        assert aborted.wait(10) and task.aborted  # checked between batches, say
+        assert agent.submit_result(OK) is False
+        with pytest.raises(Exception, match="aborted"):
+            future.result(10)
+
+
+def test_it_works_from_a_thread_that_runs_its_own_asyncio_loop() -> None:
+    with site_thread() as site:
+
+        async def notebook_cell() -> Any:
+            with make(site.url) as agent:  # blocking calls inside a running loop: its own loop
+                future = site.run_task_soon("a1", 3)
+                task = agent.get_task(timeout=10)
+                agent.submit_result(OK)
+                future.result(10)
+                return task.data if task else None
+
+        assert asyncio.run(notebook_cell()) == 3
+
+
+def test_errors_cross_into_the_callers_thread_with_their_messages() -> None:
+    agent = make("tcp://127.0.0.1:1")
+    with pytest.raises(CallStateError, match="not started"):
+        agent.get_task()
+    with pytest.raises(ValueError, match="backend must be one of asyncio, trio, uvloop"):
+        make("tcp://127.0.0.1:1", backend="curio")
+    with site_thread() as site, make(site.url) as started:
+        with pytest.raises(TypeError, match="timeout must be"):
+            started.get_task("soon")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout must > 0"):
+            started.get_task(-1)
+        with pytest.raises(CallStateError, match="without a fetched task"):
+            started.submit_result(OK)
+        with pytest.raises(CallStateError, match="already started"):
+            started.start()
+
+
+def _threads_and_fds() -> tuple[int, int]:
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+def test_stop_leaves_no_thread_or_file_descriptor_behind() -> None:
+    with site_thread() as site:
+        before = _threads_and_fds()
+        for _ in range(3):
+            with make(site.url) as agent:
+                assert agent.get_task(timeout=0.01) is None
+        assert _threads_and_fds() == before
+
+
+def test_a_started_agent_that_is_collected_stops() -> None:
+    with site_thread() as site:
+        before = _threads_and_fds()
+        agent = make(site.url)
+        agent.start()
+        site.wait_for_agent("a1")
+        thread = agent._runner.thread  # type: ignore[union-attr]
+        del agent
+        gc.collect()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert _threads_and_fds() == before
+
+
+def test_interpreter_exit_stops_a_started_agent_and_says_goodbye() -> None:
+    script = (
+        "import sys\n"
+        "from flare_agent_async import SyncFlareAgent\n"
+        "agent = SyncFlareAgent(sys.argv[1], agent_id='a1', site_name='site-1')\n"
+        "agent.start()\n"
+        "print('started', flush=True)\n"  # and exit without stop()
+    )
+    with site_thread() as site:
+        done = subprocess.run(
+            [sys.executable, "-c", script, site.url], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0 and done.stdout == "started\n", done.stderr
+        with pytest.raises(Exception, match="said goodbye"):
+            site.portal.call(lambda: site.site.run_task("a1", "train", 1))

@@ -51,9 +51,16 @@ class ByteStream(ABC):
     async def send_some(self, buffers: Sequence[memoryview]) -> int:
         """Send from the start of ``buffers``; returns how many bytes went (at least one)."""
 
+    async def flush(self) -> None:  # noqa: B027 - most byte streams hold nothing back
+        """Write out whatever `send_some` accepted but holds back (TLS does); by default none."""
+
     @abstractmethod
     async def aclose(self) -> None:
         """Close the connection."""
+
+    async def abort(self) -> None:
+        """Close at once, without writing what is held back: the stream is broken."""
+        await self.aclose()
 
 
 @dataclass(frozen=True)
@@ -191,11 +198,14 @@ class FramedMessageStream(ObjectStream[Message]):
                     if parts and unyielded >= _YIELD_EVERY_BYTES:
                         await anyio.lowlevel.checkpoint()
                         waited, unyielded = True, 0
+                await self._stream.flush()
             except BaseException as exc:
-                if 0 < sent < total:  # half a frame went out: nothing can follow it
+                # Part of a frame went out, or all of it without its last bytes flushed (TLS):
+                # the peer cannot tell where the next frame starts, so nothing can follow it.
+                if sent:
                     self._send_broken = exc
                     with anyio.CancelScope(shield=True):
-                        await self._stream.aclose()
+                        await self._stream.abort()
                 raise
         self._unyielded_sends = 0 if waited else self._unyielded_sends + 1
 

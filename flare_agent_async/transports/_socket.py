@@ -39,6 +39,7 @@ __all__ = [
 logger = logging.getLogger("flare_agent_async.transports")
 
 _MAX_IOV = 1024  # sendmsg takes at most IOV_MAX buffers
+_DRAIN_READS_AT_CLOSE = 256  # up to 16 MiB of unread bytes dropped when closing
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 Wrap = Callable[[socket.socket], Awaitable[ByteStream]]
@@ -51,6 +52,7 @@ class SocketByteStream(ByteStream):
         sock.setblocking(False)
         self._sock = sock
         self._closed = False
+        self._reading = False
 
     async def receive_into(self, buffer: memoryview) -> int:
         self.waited_to_receive = False
@@ -58,7 +60,11 @@ class SocketByteStream(ByteStream):
             try:
                 return self._sock.recv_into(buffer)
             except BlockingIOError:
-                await self._wait(anyio.wait_readable)
+                self._reading = True
+                try:
+                    await self._wait(anyio.wait_readable)
+                finally:
+                    self._reading = False
                 self.waited_to_receive = True
             except OSError as exc:
                 raise self._broken(exc) from exc
@@ -85,10 +91,23 @@ class SocketByteStream(ByteStream):
         return anyio.BrokenResourceError(f"the connection broke: {exc}")
 
     async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            anyio.notify_closing(self._sock)
-            self._sock.close()
+        """Close: say we are done sending, read (and drop) what the peer sent that is still
+        unread, then close. Closing with unread bytes would reset the connection, and the peer
+        could lose the last messages sent to it."""
+        if self._closed:
+            return
+        self._closed = True
+        sock = self._sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            scratch = bytearray(64 * 1024)
+            for _ in range(_DRAIN_READS_AT_CLOSE):
+                if not sock.recv_into(scratch):
+                    break
+        except OSError:  # BlockingIOError included: nothing more to read now
+            pass
+        anyio.notify_closing(sock)
+        sock.close()
         await anyio.lowlevel.checkpoint()
 
 

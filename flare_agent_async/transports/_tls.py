@@ -4,14 +4,22 @@
 Decryption writes straight into the caller's buffer (the one copy TLS cannot avoid); the
 `ssl.SSLContext` decides everything else: certificates, verification, and mutual TLS when the
 site's context requires client certificates (``verify_mode = ssl.CERT_REQUIRED``).
+
+Two rules keep it correct under concurrency and cancellation:
+
+* only the writer sends records after the handshake, so a reader never waits on the peer's
+  reading (both ends sending large frames at once cannot deadlock); records the reader makes
+  (rare after the handshake in TLS 1.3) leave with the writer's next flush;
+* ciphertext owed to the peer is kept until it is written, so a cancelled send loses nothing: a
+  plaintext chunk counts as sent once encrypted, and `flush` finishes the job.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
@@ -23,7 +31,6 @@ from ._socket import SocketByteStream, TCPConnector, listen_tcp
 
 __all__ = ["TLSByteStream", "TLSConnector", "listen_tls"]
 
-T = TypeVar("T")
 _CHUNK = 256 * 1024  # plaintext encrypted per send: bounds the ciphertext held in memory
 _READ_AHEAD = 256 * 1024
 
@@ -42,8 +49,8 @@ class TLSByteStream(ByteStream):
         self._ssl = ssl_object
         self._incoming = incoming
         self._outgoing = outgoing
+        self._owed = memoryview(b"")  # ciphertext taken from the BIO, not yet written
         self._buffer = bytearray(_READ_AHEAD)
-        # The reader and the writer both flush records; their bytes must not interleave.
         self._flush_lock = anyio.Lock()
 
     @classmethod
@@ -65,20 +72,37 @@ class TLSByteStream(ByteStream):
         )
         stream = cls(inner, ssl_object, incoming, outgoing)
         try:
-            await stream._retry(ssl_object.do_handshake)
+            while True:
+                try:
+                    ssl_object.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await stream.flush()
+                    await stream._fill()
+            await stream.flush()
         except (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            with anyio.move_on_after(1, shield=True):  # the alert tells the peer why
+                try:
+                    await stream.flush()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
             error = TransportError(f"TLS handshake failed: {exc}")
             # Certificates and alerts are settled: only a cut connection is worth a retry.
             error.retryable = not isinstance(exc, ssl.SSLError) or isinstance(exc, ssl.SSLEOFError)
             raise error from exc
         return stream
 
-    async def _flush(self) -> None:
+    async def flush(self) -> None:
+        """Write all ciphertext owed to the peer; a cancellation keeps the rest for next time."""
         async with self._flush_lock:
-            data = self._outgoing.read()
-            view = memoryview(data)
-            while view:
-                view = view[await self._inner.send_some([view]) :]
+            while True:
+                if not self._owed:
+                    data = self._outgoing.read()
+                    if not data:
+                        return
+                    self._owed = memoryview(data)
+                self._owed = self._owed[await self._inner.send_some([self._owed]) :]
+                self.waited_to_send = self.waited_to_send or self._inner.waited_to_send
 
     async def _fill(self) -> None:
         count = await self._inner.receive_into(memoryview(self._buffer))
@@ -87,42 +111,47 @@ class TLSByteStream(ByteStream):
         else:
             self._incoming.write_eof()
 
-    async def _retry(self, operation: Callable[..., T], *args: Any) -> T:
-        while True:
-            try:
-                result = operation(*args)
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._fill()
-                continue
-            await self._flush()
-            return result
-
     async def receive_into(self, buffer: memoryview) -> int:
         self.waited_to_receive = True  # conservatively: decryption may not have yielded
+        while True:
+            try:
+                # read() fills the buffer and returns a count when given one; nothing is
+                # awaited between it and the return, so a cancellation cannot lose the bytes.
+                count: int = self._ssl.read(len(buffer), buffer)  # type: ignore[assignment]
+                return count
+            except ssl.SSLWantReadError:
+                await self._fill()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0  # a close, clean or not: the framing above tells a cut frame
+            except ssl.SSLError as exc:
+                raise anyio.BrokenResourceError(f"TLS error: {exc}") from exc
+
+    async def send_some(self, buffers: Sequence[memoryview]) -> int:
+        self.waited_to_send = False
+        await self.flush()  # earlier chunks first; nothing of this one is taken yet
         try:
-            # read() fills the buffer and returns a count when given one.
-            return cast(int, await self._retry(self._ssl.read, len(buffer), buffer))
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            return 0  # a close, clean or not: the framing above tells a cut frame
+            return self._ssl.write(buffers[0][:_CHUNK])
+        except ssl.SSLWantReadError as exc:  # renegotiation, which TLS 1.3 has not
+            raise anyio.BrokenResourceError("TLS renegotiation is not supported") from exc
         except ssl.SSLError as exc:
             raise anyio.BrokenResourceError(f"TLS error: {exc}") from exc
 
-    async def send_some(self, buffers: Sequence[memoryview]) -> int:
-        first = buffers[0]
-        try:
-            count = await self._retry(self._ssl.write, first[:_CHUNK])
-        except ssl.SSLError as exc:
-            raise anyio.BrokenResourceError(f"TLS error: {exc}") from exc
-        self.waited_to_send = True  # records go out through awaits of the inner stream
-        return count
+    async def abort(self) -> None:
+        self._owed = memoryview(b"")
+        self._outgoing.read()  # a broken stream's records must not reach the peer
+        await self._inner.aclose()
 
     async def aclose(self) -> None:
         with anyio.move_on_after(1, shield=True):
             try:
                 self._ssl.unwrap()
-                await self._flush()
-            except (ssl.SSLError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            except ssl.SSLWantReadError:
+                pass  # our close_notify is made; the peer's is not awaited
+            except (ssl.SSLError, ValueError):
+                pass
+            try:
+                await self.flush()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass
         await self._inner.aclose()
 

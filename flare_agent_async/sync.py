@@ -7,7 +7,7 @@ A synchronous training script keeps its loop as it is::
             agent.submit_result(TaskResult({}, train(task.data)))
 
 It runs one `AsyncFlareAgent` on an event loop in a thread of its own, and only crosses threads:
-each call is one trip through an anyio blocking portal, and every rule is the async agent's.
+each call is one trip into that loop and back, and every rule is the async agent's.
 
 Thread rules:
 
@@ -27,15 +27,17 @@ Thread rules:
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import anyio
-import anyio.from_thread
+import sniffio
+from anyio.abc import TaskGroup
 
 from .agent import AsyncFlareAgent, check_timeout
 from .defs import FlareAgent, Task, TaskResult
@@ -52,17 +54,52 @@ _BACKENDS = {
 }
 
 
+class _Call:
+    """One call from a caller's thread into the agent's loop."""
+
+    __slots__ = ("args", "cancelled", "done", "error", "finished", "function", "result", "scope")
+
+    def __init__(self, function: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        self.function = function
+        self.args = args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.cancelled = False
+        self.finished = False
+
+
+def _thread_safe_scheduler() -> Callable[..., None]:
+    """The running loop's way to run a callback soon, from any thread."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    loop = asyncio.get_running_loop()
+
+    def schedule(callback: Callable[..., object], *args: Any) -> None:
+        loop.call_soon_threadsafe(callback, *args)
+
+    return schedule
+
+
 class _Runner:
     """The event loop thread and the agent in it; kept apart from the agent object so that a
-    finalizer can stop it after the object is gone."""
+    finalizer can stop it after the object is gone.
+
+    A call crosses threads once each way: the caller schedules a callback in the loop (which
+    starts the call as a task) and waits on an event the task sets. (A blocking portal also
+    waits for the task to be started, a second round trip per call.)
+    """
 
     def __init__(self, agent: AsyncFlareAgent, backend: str, name: str) -> None:
         self.agent = agent
-        self.portal: anyio.from_thread.BlockingPortal | None = None
         self._backend, self._options = _BACKENDS[backend]
-        self._ready: concurrent.futures.Future[anyio.from_thread.BlockingPortal] = (
-            concurrent.futures.Future()
-        )
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._schedule: Callable[..., None] | None = None
+        self._group: TaskGroup | None = None
+        self._stop: anyio.Event | None = None
         # A daemon thread: interpreter exit must not wait for it before the finalizer runs.
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
@@ -76,17 +113,49 @@ class _Runner:
                 self._ready.set_exception(exc)
 
     async def _main(self) -> None:
-        async with anyio.from_thread.BlockingPortal() as portal, self.agent:
-            self._ready.set_result(portal)
-            await portal.sleep_until_stopped()
+        # The thread is ours: name its event loop for anyio, so that callbacks scheduled from
+        # other threads (outside any task) can start tasks too.
+        sniffio.thread_local.name = sniffio.current_async_library()
+        self._stop = anyio.Event()
+        async with anyio.create_task_group() as group, self.agent:
+            self._group = group
+            self._schedule = _thread_safe_scheduler()
+            self._ready.set_result(None)
+            await self._stop.wait()
+            group.cancel_scope.cancel()  # calls still running end with AgentClosed
+        self._schedule = None
 
     def start(self) -> None:
         self.thread.start()
         try:
-            self.portal = self._ready.result()
+            self._ready.result()
         except BaseException:
             self.thread.join()
             raise
+
+    def _begin(self, call: _Call) -> None:  # in the loop
+        assert self._group is not None
+        self._group.start_soon(self._perform, call)
+
+    async def _perform(self, call: _Call) -> None:  # in the loop
+        try:
+            with anyio.CancelScope() as call.scope:
+                if call.cancelled:  # the caller gave up before the call began
+                    call.scope.cancel()
+                call.result = await call.function(*call.args)
+                call.finished = True
+        except Exception as exc:
+            call.error = exc
+            call.finished = True
+        finally:
+            if not call.finished:  # cancelled: the caller is gone, or the agent is stopping
+                call.error = AgentClosed("the agent is stopped")
+            call.done.set()
+
+    def _cancel(self, call: _Call) -> None:  # in the loop
+        call.cancelled = True
+        if call.scope is not None:
+            call.scope.cancel()
 
     def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``function(*args)`` in the agent's loop and wait for it.
@@ -94,30 +163,41 @@ class _Runner:
         Interrupted while waiting (``KeyboardInterrupt``), the call is cancelled there, the
         async way, before the interruption goes on.
         """
-        portal = self.portal
-        if portal is None or self._closed:
+        schedule = self._schedule
+        if schedule is None or self._closed:
             raise AgentClosed("the agent is stopped")
+        call = _Call(function, args)
         try:
-            future = portal.start_task_soon(function, *args)
-        except RuntimeError as exc:  # the portal stopped between the check and the call
+            schedule(self._begin, call)
+        except RuntimeError as exc:  # the loop has just ended
             raise AgentClosed("the agent is stopped") from exc
         try:
-            return future.result()
+            call.done.wait()
         except BaseException:
-            future.cancel()
+            try:
+                schedule(self._cancel, call)
+            except RuntimeError:
+                pass
             raise
+        if call.error is not None:
+            raise call.error
+        return cast(T, call.result)
 
     def close(self) -> None:
         """Stop the agent (it says goodbye) and the loop; join the thread. Idempotent."""
         with self._close_lock:
             if self._closed:
                 return
+            schedule = self._schedule
+            if schedule is not None:
+                try:
+                    self.call(self.agent.stop)
+                except AgentClosed:
+                    pass
             self._closed = True
-        portal = self.portal
-        if portal is not None:
+        if schedule is not None and self._stop is not None:
             try:
-                portal.call(self.agent.stop)
-                portal.call(portal.stop)
+                schedule(self._stop.set)
             except RuntimeError:
                 pass  # the loop is already gone
         if self.thread.is_alive() and self.thread is not threading.current_thread():

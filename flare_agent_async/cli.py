@@ -24,6 +24,7 @@ from .defs import RC, Task, TaskResult
 from .exceptions import FlareAgentError
 from .site import FlareSite
 from .sync import SyncFlareAgent
+from .transports import Progress
 
 Trainer = Callable[[Task], TaskResult | Awaitable[TaskResult]]
 
@@ -208,7 +209,8 @@ class Display:
                 TimeElapsedColumn(),
             )
             self._round_task = self._progress.add_task("", total=self._rounds)
-            self._live = Live(self._render(), refresh_per_second=8, transient=True)
+            # Live calls __rich__ on every refresh: events only change the state shown.
+            self._live = Live(self, refresh_per_second=8, transient=True)
             self._live.__enter__()
         return self
 
@@ -216,7 +218,7 @@ class Display:
         if self._live is not None:
             self._live.__exit__(*exc_info)
 
-    def _render(self) -> Any:
+    def __rich__(self) -> Any:
         from rich.console import Group
         from rich.table import Table
 
@@ -244,7 +246,14 @@ class Display:
                 completed=details["round"],
                 description=f"held-out accuracy {details['accuracy']:.3f}",
             )
-        self._live.update(self._render())
+
+    def progress(self, agent_id: str, progress: Progress) -> None:
+        """Bytes moving to or from an agent, for large models."""
+        if self.quiet or agent_id not in self._states:
+            return
+        moving = "sending to" if progress.direction == "send" else "receiving from"
+        done, total = _human_bytes(progress.done), _human_bytes(progress.total)
+        self._states[agent_id] = f"[cyan]{moving} the agent[/] {done} / {total}"
 
     def summary(self, history: list[_demo.Round], header: str) -> None:
         if self.as_json:
@@ -341,7 +350,10 @@ def run_demo(args: argparse.Namespace) -> int:
             "memory": "memory://",
         }[args.transport]
         # Agents run in the outer group: leaving the site says goodbye, then they end.
-        async with anyio.create_task_group() as group, FlareSite("site-1") as site:
+        async with (
+            anyio.create_task_group() as group,
+            FlareSite("site-1", on_progress=display.progress) as site,
+        ):
             bound = await site.listen(url, ssl_context=server_context)
             for agent_id in agent_ids:
                 if args.transport == "memory" or args.transport == "tls":

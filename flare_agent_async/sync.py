@@ -152,6 +152,11 @@ class _Runner:
                 call.error = AgentClosed("the agent is stopped")
             call.done.set()
 
+    async def _stop_from_within(self) -> None:  # in the loop
+        await self.agent.stop()
+        assert self._stop is not None
+        self._stop.set()
+
     def _cancel(self, call: _Call) -> None:  # in the loop
         call.cancelled = True
         if call.scope is not None:
@@ -166,6 +171,11 @@ class _Runner:
         schedule = self._schedule
         if schedule is None or self._closed:
             raise AgentClosed("the agent is stopped")
+        if threading.current_thread() is self.thread:
+            raise CallStateError(
+                "a blocking call from the agent's own thread (an abort callback?) would wait "
+                "forever; abort callbacks must not block"
+            )
         call = _Call(function, args)
         try:
             schedule(self._begin, call)
@@ -184,7 +194,15 @@ class _Runner:
         return cast(T, call.result)
 
     def close(self) -> None:
-        """Stop the agent (it says goodbye) and the loop; join the thread. Idempotent."""
+        """Stop the agent (it says goodbye) and the loop; join the thread. Idempotent.
+
+        From the agent's own thread (an abort callback), the stop is started and not waited for.
+        """
+        if threading.current_thread() is self.thread:
+            if not self._closed and self._group is not None:
+                self._closed = True
+                self._group.start_soon(self._stop_from_within)
+            return
         with self._close_lock:
             if self._closed:
                 return

@@ -265,3 +265,45 @@ def test_interpreter_exit_stops_a_started_agent_and_says_goodbye() -> None:
         assert done.returncode == 0 and done.stdout == "started\n", done.stderr
         with pytest.raises(Exception, match="said goodbye"):
             site.portal.call(lambda: site.site.run_task("a1", "train", 1))
+
+
+def test_stop_from_an_abort_callback_does_not_deadlock() -> None:
+    with site_thread() as site:
+        agent = make(site.url)
+        agent.start()
+        future = site.run_task_soon("a1", 1, task_id="t1")
+        task = agent.get_task(timeout=10)
+        assert task is not None
+        task.add_abort_callback(agent.stop)  # runs in the agent's own thread
+        site.portal.call(site.site.abort_task, "a1", "t1")
+        thread = agent._runner.thread  # type: ignore[union-attr]
+        thread.join(10)
+        assert not thread.is_alive(), "the agent did not stop"
+        with pytest.raises(AgentClosed):
+            agent.get_task(timeout=1)
+        with pytest.raises(Exception, match="aborted"):
+            future.result(10)
+        agent.stop()
+
+
+def test_a_blocking_call_from_an_abort_callback_is_refused() -> None:
+    with site_thread() as site, make(site.url) as agent:
+        future = site.run_task_soon("a1", 1, task_id="t1")
+        task = agent.get_task(timeout=10)
+        assert task is not None
+        refused: list[BaseException] = []
+        called = threading.Event()
+
+        def callback() -> None:
+            try:
+                agent.get_task(timeout=1)
+            except CallStateError as exc:
+                refused.append(exc)
+            called.set()
+
+        task.add_abort_callback(callback)
+        site.portal.call(site.site.abort_task, "a1", "t1")
+        assert called.wait(10)
+        assert len(refused) == 1 and "must not block" in str(refused[0])
+        with pytest.raises(Exception, match="aborted"):
+            future.result(10)

@@ -19,8 +19,9 @@ Thread rules:
   result is still delivered) and leaves the agent stoppable;
 * the agent's event loop is its own: calling threads may run event loops of their own
   (a notebook's, say);
-* abort callbacks (`Task.add_abort_callback`) run in the agent's thread; `Task.aborted` can be
-  read from any thread;
+* abort callbacks (`Task.add_abort_callback`) run in the agent's thread and must not block
+  (`stop()` from one starts the stop; a blocking call from one raises `CallStateError`);
+  `Task.aborted` can be read from any thread;
 * nothing is left behind: `stop()` joins the thread and closes the connection, and so does
   garbage collection of a started agent, or interpreter exit.
 """

@@ -37,8 +37,12 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
 import anyio
-import sniffio
 from anyio.abc import TaskGroup
+
+try:  # trio brings sniffio; with asyncio alone, anyio finds the running loop by itself
+    import sniffio
+except ImportError:  # pragma: no cover - depends on what is installed
+    sniffio = None  # type: ignore[assignment]
 
 from .agent import AsyncFlareAgent, check_timeout
 from .defs import FlareAgent, Task, TaskResult
@@ -71,9 +75,9 @@ class _Call:
         self.finished = False
 
 
-def _thread_safe_scheduler() -> Callable[..., None]:
+def _thread_safe_scheduler(backend: str) -> Callable[..., None]:
     """The running loop's way to run a callback soon, from any thread."""
-    if sniffio.current_async_library() == "trio":
+    if backend == "trio":
         import trio
 
         return trio.lowlevel.current_trio_token().run_sync_soon
@@ -116,11 +120,12 @@ class _Runner:
     async def _main(self) -> None:
         # The thread is ours: name its event loop for anyio, so that callbacks scheduled from
         # other threads (outside any task) can start tasks too.
-        sniffio.thread_local.name = sniffio.current_async_library()
+        if sniffio is not None:
+            sniffio.thread_local.name = self._backend
         self._stop = anyio.Event()
         async with anyio.create_task_group() as group, self.agent:
             self._group = group
-            self._schedule = _thread_safe_scheduler()
+            self._schedule = _thread_safe_scheduler(self._backend)
             self._ready.set_result(None)
             await self._stop.wait()
             group.cancel_scope.cancel()  # calls still running end with AgentClosed

@@ -216,9 +216,7 @@ class AsyncFlareAgent:
         if self._group is not None or self._stopped:
             raise CallStateError("the agent was already started; create a new one to start again")
         self._run_done = anyio.Event()
-        # Shielded: the connection outlives a cancelled ``async with`` body until stop() ends it,
-        # so results submitted in that body are still delivered.
-        self._run_scope = anyio.CancelScope(shield=True)
+        self._run_scope = anyio.CancelScope()  # shielded once the site welcomed the agent
         self._exit_on_stop = exit_on_stop
         self._host_task = anyio.get_current_task().id
         group = self._group = anyio.create_task_group()
@@ -392,6 +390,10 @@ class AsyncFlareAgent:
             events = protocol.receive(message)
             for event in events:
                 if isinstance(event, Welcomed) and task_status is not None:
+                    # From now on the connection outlives a cancelled ``async with`` body until
+                    # stop() ends it, so results submitted in that body are still delivered;
+                    # until now, cancelling start() cancels the connect.
+                    self._run_scope.shield = True
                     task_status.started()
                 elif isinstance(event, Rejected):
                     self._rejection = event.reason

@@ -62,7 +62,16 @@ _BACKENDS = {
 class _Call:
     """One call from a caller's thread into the agent's loop."""
 
-    __slots__ = ("args", "cancelled", "done", "error", "finished", "function", "result", "scope")
+    __slots__ = (
+        "args",
+        "cancelled",
+        "done",
+        "error",
+        "finished",
+        "function",
+        "result",
+        "scope",
+    )
 
     def __init__(self, function: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
         self.function = function
@@ -105,10 +114,13 @@ class _Runner:
         self._schedule: Callable[..., None] | None = None
         self._group: TaskGroup | None = None
         self._stop: anyio.Event | None = None
+        self._main_scope: anyio.CancelScope
         # A daemon thread: interpreter exit must not wait for it before the finalizer runs.
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
-        self._close_lock = threading.Lock()
+        self._close_lock = threading.RLock()  # re-entrant: stop() from a signal handler in stop()
+        self._calls: set[_Call] = set()  # calls in flight, for the loop's end to release
+        self._calls_lock = threading.Lock()
 
     def _run(self) -> None:
         try:
@@ -116,6 +128,14 @@ class _Runner:
         except BaseException as exc:  # a failed start: told to start() through the future
             if not self._ready.done():
                 self._ready.set_exception(exc)
+        finally:
+            # Calls that reached the loop too late to run: nobody may wait for them forever.
+            with self._calls_lock:
+                self._schedule = None
+                for call in self._calls:
+                    if not call.done.is_set():
+                        call.error = AgentClosed("the agent is stopped")
+                        call.done.set()
 
     async def _main(self) -> None:
         # The thread is ours: name its event loop for anyio, so that callbacks scheduled from
@@ -123,25 +143,38 @@ class _Runner:
         if sniffio is not None:
             sniffio.thread_local.name = self._backend
         self._stop = anyio.Event()
-        async with anyio.create_task_group() as group, self.agent:
-            self._group = group
-            self._schedule = _thread_safe_scheduler(self._backend)
-            self._ready.set_result(None)
-            await self._stop.wait()
-            group.cancel_scope.cancel()  # calls still running end with AgentClosed
-        self._schedule = None
+        with anyio.CancelScope() as self._main_scope:
+            async with anyio.create_task_group() as group:
+                self._group = group
+                # Set before connecting, so that an interrupted start() can cancel the connect.
+                self._schedule = _thread_safe_scheduler(self._backend)
+                async with self.agent:
+                    self._ready.set_result(None)
+                    await self._stop.wait()
+                    group.cancel_scope.cancel()  # calls still running end with AgentClosed
 
     def start(self) -> None:
         self.thread.start()
         try:
             self._ready.result()
         except BaseException:
+            # A failed connect, or an interrupted wait for it (KeyboardInterrupt): stop the loop.
+            schedule = self._schedule
+            if schedule is not None:
+                try:
+                    schedule(self._main_scope.cancel)
+                except Exception:
+                    pass
             self.thread.join()
             raise
 
     def _begin(self, call: _Call) -> None:  # in the loop
         assert self._group is not None
-        self._group.start_soon(self._perform, call)
+        try:
+            self._group.start_soon(self._perform, call)
+        except RuntimeError:  # the agent's task group has just ended
+            call.error = AgentClosed("the agent is stopped")
+            call.done.set()
 
     async def _perform(self, call: _Call) -> None:  # in the loop
         try:
@@ -183,18 +216,26 @@ class _Runner:
                 "forever; abort callbacks must not block"
             )
         call = _Call(function, args)
+        with self._calls_lock:
+            if self._schedule is None:  # the loop thread has ended
+                raise AgentClosed("the agent is stopped")
+            self._calls.add(call)
         try:
-            schedule(self._begin, call)
-        except RuntimeError as exc:  # the loop has just ended
-            raise AgentClosed("the agent is stopped") from exc
-        try:
-            call.done.wait()
-        except BaseException:
             try:
-                schedule(self._cancel, call)
-            except RuntimeError:
-                pass
-            raise
+                schedule(self._begin, call)
+            except Exception as exc:  # the loop has just ended (RuntimeError, RunFinishedError)
+                raise AgentClosed("the agent is stopped") from exc
+            try:
+                call.done.wait()
+            except BaseException:
+                try:
+                    schedule(self._cancel, call)
+                except Exception:
+                    pass
+                raise
+        finally:
+            with self._calls_lock:
+                self._calls.discard(call)
         if call.error is not None:
             raise call.error
         return cast(T, call.result)

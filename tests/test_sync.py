@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -307,3 +308,135 @@ def test_a_blocking_call_from_an_abort_callback_is_refused() -> None:
         assert len(refused) == 1 and "must not block" in str(refused[0])
         with pytest.raises(Exception, match="aborted"):
             future.result(10)
+
+
+# -- races found in review, kept fixed ------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_call_that_reaches_the_loop_as_it_ends_is_released(backend: str) -> None:
+    """A caller that passed the `_closed` check just before close() set it: its `_begin`
+    lands after the task group exited -> start_soon raises in a loop callback, the caller's
+    `call.done` is never set, the caller waits forever."""
+    with site_thread() as site:
+        agent = make(site.url, backend=backend)
+        agent.start()
+        runner = agent._runner
+        real = runner._schedule
+        inside = threading.Event()
+
+        def gated(
+            callback: Any, *args: Any
+        ) -> Any:  # forces the interleaving: deliver after the group exits
+            begin = getattr(callback, "__name__", "") == "_begin"
+            if begin and args[0].function == agent._agent.get_task:
+                inside.set()
+                deadline = time.monotonic() + 5
+                while runner._schedule is not None and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            return real(callback, *args)
+
+        if backend == "asyncio":
+            # keep asyncio.run's shutdown alive a moment (a default-executor job, e.g. from a
+            # trainer library or getaddrinfo): callbacks are processed during shutdown
+            async def busy() -> None:
+                import asyncio
+
+                asyncio.get_running_loop().run_in_executor(None, time.sleep, 1.0)
+
+            runner.call(busy)
+        runner._schedule = gated
+        outcome: list[object] = []
+
+        def caller() -> None:
+            try:
+                outcome.append(agent.get_task(timeout=1))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=caller, daemon=True)
+        thread.start()
+        assert inside.wait(5)
+        agent.stop()
+        thread.join(5)
+        assert not thread.is_alive(), "get_task never returned: the caller hangs forever"
+        assert isinstance(outcome[0], AgentClosed)
+
+
+def test_an_interrupted_start_stops_the_connect() -> None:
+    """KeyboardInterrupt while start() waits for the connection: start() joins the thread, but
+    the thread connects later and then waits for `_stop` forever -> start() never returns."""
+    script = """
+import os, signal, socket, sys, threading, time
+import anyio.from_thread
+from flare_agent_async import FlareSite, SyncFlareAgent
+probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
+url = f"tcp://127.0.0.1:{port}"
+agent = SyncFlareAgent(url, agent_id="a1", site_name="site-1", connect_timeout=60)
+main = threading.main_thread().ident
+threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+def site():
+    with anyio.from_thread.start_blocking_portal() as portal:
+        s = FlareSite("site-1")
+        with portal.wrap_async_context_manager(s):
+            portal.call(s.listen, url)
+            time.sleep(30)
+threading.Thread(target=site, daemon=True).start()  # the site comes up a moment later
+t0 = time.monotonic()
+try:
+    agent.start()
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - t0:.1f}s", flush=True)
+os._exit(0)
+"""
+    script = script.replace(
+        "threading.Thread(target=site, daemon=True).start()", "threading.Timer(1.0, site).start()"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=str(Path(__file__).parent.parent),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            "start() interrupted by Ctrl-C never returned (joins a thread that waits forever)"
+        )
+    assert "interrupted" in done.stdout, done.stderr
+
+
+def test_stop_from_a_signal_handler_during_stop() -> None:
+    """stop() from a signal handler while the main thread is inside stop() (e.g. delivering
+    results for up to close_timeout): runner._close_lock is a plain Lock -> self-deadlock."""
+    script = """
+import os, signal, sys, threading, time
+sys.path.insert(0, "tests")
+from test_sync import make, site_thread
+with site_thread() as site:
+    agent = make(site.url)
+    agent.start()
+    real_stop = agent._agent.stop
+    async def slow_stop():  # stands for results still being delivered (close_timeout)
+        import anyio
+        await anyio.sleep(0.5)
+        await real_stop()
+    agent._agent.stop = slow_stop
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    agent.stop()
+    print("stopped", flush=True)
+    os._exit(0)
+"""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=str(Path(__file__).parent.parent),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("stop() from a signal handler during stop() deadlocked")
+    assert "stopped" in done.stdout, done.stderr

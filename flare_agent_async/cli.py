@@ -342,7 +342,10 @@ def run_demo(args: argparse.Namespace) -> int:
         server_context, client_context = _tls_contexts()
 
     async def main() -> list[_demo.Round]:
-        folder = tempfile.mkdtemp(prefix="flare-demo-", dir="/tmp")
+        with tempfile.TemporaryDirectory(prefix="flare-demo-", dir="/tmp") as folder:
+            return await _run_demo_in(folder)
+
+    async def _run_demo_in(folder: str) -> list[_demo.Round]:
         url = {
             "tcp": "tcp://127.0.0.1:0",
             "tls": "tls://127.0.0.1:0",
@@ -359,7 +362,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 if args.transport == "memory" or args.transport == "tls":
                     group.start_soon(_agent_in_process, bound, agent_id, args, client_context)
                 else:
-                    group.start_soon(_agent_process, bound, agent_id, args, folder)
+                    group.start_soon(_agent_process, bound, agent_id, args)
             for agent_id in agent_ids:
                 await site.wait_for_agent(agent_id, timeout=60)
             with display:
@@ -403,7 +406,7 @@ async def _agent_in_process(
         await serve_async(agent, _demo.train)
 
 
-async def _agent_process(url: str, agent_id: str, args: argparse.Namespace, folder: str) -> None:
+async def _agent_process(url: str, agent_id: str, args: argparse.Namespace) -> None:
     """An agent in a process of its own, as ``flare-agent-async agent`` runs it."""
     command = [
         *(sys.executable, "-m", "flare_agent_async", "agent", "flare_agent_async.demo:train"),
@@ -457,21 +460,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"agent": run_agent, "site": run_site, "demo": run_demo}[args.command]
     try:
         return command(args)
-    except KeyboardInterrupt:
-        return 130
     except BaseException as exc:  # errors from task groups come in exception groups
-        error = _first(exc)
-        if not isinstance(error, (CommandError, FlareAgentError, ValueError, OSError)):
+        if _find(exc, (KeyboardInterrupt,)) is not None:
+            return 130
+        error = _find(exc, (CommandError, FlareAgentError, ValueError, OSError))
+        if error is None:
             raise
         print(f"flare-agent-async {args.command}: error: {error}", file=sys.stderr)
         return 1
 
 
-def _first(exc: BaseException) -> BaseException:
-    """The first real error inside task-group exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
+def _find(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``, looking inside exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kinds)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, kinds) else None
 
 
 if __name__ == "__main__":

@@ -251,7 +251,9 @@ class _Runner:
                 self._group.start_soon(self._stop_from_within)
             return
         with self._close_lock:
-            if self._closed:
+            if self._closed:  # stopped already, maybe from an abort callback: still join
+                if self.thread.is_alive() and self.thread is not threading.current_thread():
+                    self.thread.join()
                 return
             schedule = self._schedule
             if schedule is not None:

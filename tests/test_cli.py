@@ -4,6 +4,7 @@ error a person can make with them."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -272,3 +273,21 @@ def test_the_examples_serve_a_site(example: str, free_port: int) -> None:
     assert site.returncode == 0, err
     accuracies = [r["accuracy"] for r in json.loads(out)["rounds"]]
     assert len(accuracies) == 2 and accuracies[1] >= accuracies[0]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_ctrl_c_exits_130_without_a_traceback(backend: str) -> None:
+    site = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "flare_agent_async", "site"),
+            *("--listen", "tcp://127.0.0.1:0", "--agents", "a1", "--backend", backend),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert site.stdout is not None
+    assert "listening at" in site.stdout.readline()  # running, waiting for its agent
+    site.send_signal(signal.SIGINT)
+    _, err = site.communicate(timeout=30)
+    assert site.returncode == 130 and "Traceback" not in err, err[-600:]

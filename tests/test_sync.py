@@ -440,3 +440,27 @@ with site_thread() as site:
     except subprocess.TimeoutExpired:
         pytest.fail("stop() from a signal handler during stop() deadlocked")
     assert "stopped" in done.stdout, done.stderr
+
+
+def test_stop_after_a_stop_from_an_abort_callback_joins_the_thread() -> None:
+    with site_thread() as site:
+        agent = make(site.url)
+        agent.start()
+        real_stop = agent._agent.stop
+
+        async def slow_stop() -> None:  # stands for results being delivered (close_timeout)
+            await anyio.sleep(0.5)
+            await real_stop()
+
+        agent._agent.stop = slow_stop  # type: ignore[method-assign]
+        future = site.run_task_soon("a1", 1, task_id="t1")
+        task = agent.get_task(timeout=10)
+        assert task is not None
+        fired = threading.Event()
+        task.add_abort_callback(lambda: (agent.stop(), fired.set()))
+        site.portal.call(site.site.abort_task, "a1", "t1")
+        assert fired.wait(10)
+        agent.stop()
+        assert not agent._runner.thread.is_alive(), "stop() returned before the thread ended"  # type: ignore[union-attr]
+        with pytest.raises(Exception, match="aborted"):
+            future.result(10)

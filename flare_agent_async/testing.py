@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -307,8 +307,3 @@ class FaultyConnector(Connector):
                 raise
         self._current = stream
         return stream
-
-
-def message_kinds(messages: Sequence[Message]) -> list[str]:
-    """The class names of ``messages``, for compact assertions."""
-    return [type(message).__name__ for message in messages]

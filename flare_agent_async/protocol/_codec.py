@@ -102,8 +102,6 @@ class FrameReader:
         """The size of the frame being read; 0 between frames (for progress reports)."""
         self.frame_bytes_read = 0
         """How much of it has arrived."""
-        self.completed_frame_bytes = 0
-        """The size of the last frame completed."""
 
     @property
     def frame_message(self) -> tuple[str, str | None]:
@@ -264,7 +262,6 @@ class FrameReader:
         assert message is not None and payloads is not None
         self._header_bytes = None
         self._message = self._payloads = None
-        self.completed_frame_bytes = self.frame_bytes
         self.frame_bytes = self.frame_bytes_read = 0
         fields = _PAYLOAD_FIELDS.get(type(message))
         if fields and payloads.pending:

@@ -8,15 +8,17 @@ import inspect
 import json
 import logging
 import os
+import signal
 import ssl
 import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
+from anyio.abc import TaskStatus
 
 from . import demo as _demo
 from .agent import AsyncFlareAgent
@@ -116,6 +118,40 @@ def _failure(exc: BaseException) -> TaskResult:
     return TaskResult({"error": f"{type(exc).__name__}: {exc}"}, None, RC.EXECUTION_EXCEPTION)
 
 
+T = TypeVar("T")
+
+
+def _interruptible(main: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+    """``main`` run so that Ctrl-C (or SIGTERM) cancels it cleanly, then raises KeyboardInterrupt.
+
+    The signal is received by a task rather than raised into whatever code runs at that moment,
+    so the site still says goodbye and task groups unwind in order.
+    """
+
+    async def run() -> T:
+        interrupted = False
+        result: T | None = None
+        async with anyio.create_task_group() as group:
+
+            async def watch(*, task_status: TaskStatus[None]) -> None:
+                nonlocal interrupted
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    task_status.started()
+                    async for _ in signals:
+                        interrupted = True
+                        group.cancel_scope.cancel()
+                        return
+
+            await group.start(watch)  # the signals are ours before the job begins
+            result = await main()
+            group.cancel_scope.cancel()
+        if interrupted:
+            raise KeyboardInterrupt
+        return cast(T, result)
+
+    return run
+
+
 def _checked(result: object) -> TaskResult:
     if isinstance(result, TaskResult):
         return result
@@ -176,7 +212,7 @@ def run_agent(args: argparse.Namespace) -> int:
             async with AsyncFlareAgent(args.connect, **options) as agent:
                 return await serve_async(agent, trainer)
 
-        served = anyio.run(main, backend=args.backend)
+        served = anyio.run(_interruptible(main), backend=args.backend)
     print(f"agent {args.agent_id}: served {served} task(s); the site said goodbye", file=sys.stderr)
     return 0
 
@@ -377,7 +413,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 )
         return history
 
-    history = anyio.run(main, backend=args.backend)
+    history = anyio.run(_interruptible(main), backend=args.backend)
     mode = "sync" if args.sync else "async"
     display.summary(
         history,
@@ -448,7 +484,7 @@ def run_site(args: argparse.Namespace) -> int:
                 )
             return history
 
-    history = anyio.run(main, backend=args.backend)
+    history = anyio.run(_interruptible(main), backend=args.backend)
     display.summary(history, f"FedAvg at {args.site_name}, {len(agent_ids)} agents")
     return 0
 

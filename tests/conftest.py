@@ -9,6 +9,7 @@ import anyio.to_thread
 import pytest
 
 from flare_agent_async import AsyncFlareAgent, SyncFlareAgent, Task, TaskResult
+from flare_agent_async.protocol import TaskAssign
 
 #: The event loops async tests run on; ``FLARE_AGENT_ASYNC_BACKENDS=trio`` narrows it (nox does).
 BACKENDS = os.environ.get("FLARE_AGENT_ASYNC_BACKENDS", "asyncio,trio").split(",")
@@ -89,3 +90,9 @@ def make_agent(driver: str, anyio_backend: str) -> Callable[..., Agent]:
         return SyncDriver(SyncFlareAgent(site, backend=anyio_backend, **options))
 
     return make
+
+
+def assign(task_id: str, data: object = None, meta: object = None) -> TaskAssign:
+    """A task message as a scripted site sends it (meta may be anything: tests send bad ones)."""
+    meta = meta if meta is not None else {}
+    return TaskAssign(task_id=task_id, task_name="train", meta=meta, data=data)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from conftest import assign
 
 from flare_agent_async import (
     AgentClosed,
@@ -30,12 +31,6 @@ from flare_agent_async.transports import MessageStream, connector_for
 pytestmark = pytest.mark.anyio
 
 OK = TaskResult({}, {"ok": True})
-
-
-def assign(task_id: str, data: object = None, meta: object = None) -> TaskAssign:
-    return TaskAssign(
-        task_id=task_id, task_name="train", meta=meta if meta is not None else {}, data=data
-    )  # type: ignore[arg-type]
 
 
 async def drain_until_closed(stream: MessageStream) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import TaskStatus
-from conftest import Agent
+from conftest import Agent, assign
 
 from flare_agent_async import (
     RC,
@@ -35,7 +35,6 @@ from flare_agent_async.protocol import (
     Result,
     ResultAck,
     TaskAck,
-    TaskAssign,
     _payload,
     register_payload_type,
 )
@@ -45,11 +44,6 @@ pytestmark = pytest.mark.anyio
 
 OK = TaskResult({}, {"ok": True})
 MakeAgent = Callable[..., Agent]
-
-
-def assign(task_id: str, data: object = None, meta: object = None) -> TaskAssign:
-    meta = meta if meta is not None else {}
-    return TaskAssign(task_id=task_id, task_name="train", meta=meta, data=data)  # type: ignore[arg-type]
 
 
 @asynccontextmanager

@@ -248,7 +248,8 @@ class AsyncFlareAgent:
         :returns: the task, or None if none arrived in time.
         :raises AgentClosed: the agent is closed (stopped, the site said goodbye or is gone).
         :raises CallStateError: the agent is not started, or the current task has no result yet.
-        :raises TypeError, ValueError: ``timeout`` is not a positive number.
+        :raises TypeError: ``timeout`` is not a number.
+        :raises ValueError: ``timeout`` is not positive.
         """
         seconds = check_timeout(timeout)
         self._check_started()

@@ -308,7 +308,8 @@ class SyncFlareAgent(FlareAgent):
     def start(self) -> None:
         """Start the agent's thread and connect; returns once the site welcomed the agent.
 
-        :raises ConnectionRejected, TransportError: as `AsyncFlareAgent.start`.
+        :raises ConnectionRejected: as `AsyncFlareAgent.start`.
+        :raises TransportError: as `AsyncFlareAgent.start`.
         :raises CallStateError: the agent was already started.
         """
         with self._lock:
@@ -344,7 +345,8 @@ class SyncFlareAgent(FlareAgent):
         :returns: the task, or None if none arrived in time (a task arriving later is kept).
         :raises AgentClosed: the agent is closed, or stopped meanwhile.
         :raises CallStateError: not started, or the current task has no result yet.
-        :raises TypeError, ValueError: ``timeout`` is not a positive number.
+        :raises TypeError: ``timeout`` is not a number.
+        :raises ValueError: ``timeout`` is not positive.
         """
         check_timeout(timeout)
         return self._running().call(self._agent.get_task, timeout)

@@ -29,3 +29,10 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[test]", "mypy")
     session.run("mypy", "--strict", "flare_agent_async")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, built into site/; any warning fails the build."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})

@@ -1,4 +1,4 @@
-"""The README's code runs as written."""
+"""The README's example runs as written, and its two commands are the ones CI runs."""
 
 from __future__ import annotations
 
@@ -7,23 +7,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
 
 
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+def fenced(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
 
 
-def test_the_readme_trainer_and_site_run_as_written(tmp_path: Path) -> None:
-    blocks = python_blocks(README.read_text())
-    assert len(blocks) == 3, "the README shows an async trainer, a sync trainer and a site"
-    for block in blocks:
-        assert len(block.strip().splitlines()) <= 20, "README examples stay short"
+def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
+    blocks = fenced(README.read_text(), "python")
+    assert len(blocks) == 1, "the README shows one example"
+    code_lines = [line for line in blocks[0].splitlines() if line.strip()]
+    assert len(code_lines) <= 18, "the README's example stays short"
     script = tmp_path / "readme_example.py"
-    script.write_text("\n".join(blocks))
+    script.write_text(blocks[0])
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
     )
-    # FedAvg of +1 (weight 100) and +2 (weight 50): 4/3 per round.
-    last = done.stdout.splitlines()[-1]
-    assert last.startswith("round 2: {'w': 4.0") and "'b': 4.0" in last, done.stdout
+    assert done.stdout.splitlines() == [
+        "round 0: {'w': 1.0}",
+        "round 1: {'w': 2.0}",
+        "round 2: {'w': 3.0}",
+    ], done.stdout
+
+
+def test_the_readme_test_command_is_the_one_ci_runs() -> None:
+    commands = fenced(README.read_text(), "sh")
+    assert len(commands) == 2, "the README gives two commands"
+    ci = (ROOT / ".ci" / "run").read_text().replace(" --quiet", "")
+    assert commands[1].strip() in ci, "the test command of the README is what .ci/run runs"

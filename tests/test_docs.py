@@ -1,0 +1,225 @@
+"""The documentation's code runs as written, and the reference covers the whole public API.
+
+Conventions of the pages under docs/:
+
+* a code block with a title (```` ```python title="site.py" ````) is a file; the titled blocks of
+  a page are written into one folder. On the quickstart they are run as its last ``sh`` block
+  says; on the other pages, ``.sh`` files run first (with bash), then each ``.py`` program runs to
+  completion (``test_*.py`` files with pytest), and a ``text`` block titled ``output`` right after
+  a program is what it prints;
+* every other ``python`` block must compile, and what it imports from the library must exist.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flare_agent_async import cli
+
+ROOT = Path(__file__).parent.parent
+DOCS = ROOT / "docs"
+QUICKSTART = DOCS / "quickstart.md"
+# Pages written alongside the library's features; their snippets are tested with those features.
+OTHER_PAGES = {"benchmarks.md", "reliability.md", "nvflare.md", "migrating.md"}
+PAGES = sorted(
+    path for path in DOCS.rglob("*.md") if path.relative_to(DOCS).as_posix() not in OTHER_PAGES
+)
+PUBLIC_MODULES = [
+    "flare_agent_async",
+    "flare_agent_async.defs",
+    "flare_agent_async.exceptions",
+    "flare_agent_async.transports",
+    "flare_agent_async.tls",
+    "flare_agent_async.testing",
+    "flare_agent_async.protocol",
+]
+FENCE = re.compile(r"^```(\w*)(.*?)\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
+TITLE = re.compile(r'title="([^"]+)"')
+
+
+@dataclasses.dataclass
+class Block:
+    language: str
+    title: str | None
+    code: str
+
+
+def blocks(page: Path) -> list[Block]:
+    found = []
+    for language, info, code in FENCE.findall(page.read_text()):
+        title = TITLE.search(info)
+        found.append(Block(language, title.group(1) if title else None, code))
+    return found
+
+
+def page_id(page: Path) -> str:
+    return page.relative_to(DOCS).as_posix()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+# -- the quickstart, followed as a newcomer would ------------------------------------------------
+
+
+def test_the_quickstart_runs_as_written(tmp_path: Path) -> None:
+    page = blocks(QUICKSTART)
+    files = {block.title: block.code for block in page if block.title}
+    assert set(files) == {"model.py", "site.py", "trainer.py", "sync_trainer.py"}
+    commands = [line.split() for line in page_commands(page) if line.startswith("python ")]
+    assert [command[1] for command in commands] == ["site.py", "trainer.py", "sync_trainer.py"]
+    (printed,) = [block.code for block in page if block.language == "text"]
+
+    url = f"tcp://127.0.0.1:{free_port()}"  # the page's port may be taken on this machine
+    for name, code in files.items():
+        (tmp_path / name).write_text(code.replace("tcp://127.0.0.1:8002", url))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, *command[1:]],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
+    try:
+        outputs = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-2000:]
+    site_output = outputs[0][0]
+    assert site_output == printed.replace("tcp://127.0.0.1:8002", url)
+    assert outputs[1][0] == "agent-1: the site said goodbye\n"
+    assert outputs[2][0] == "agent-2: the site said goodbye\n"
+
+
+def page_commands(page: list[Block]) -> list[str]:
+    """The lines of the last ``sh`` block: the commands that run the quickstart's job."""
+    (*_, last) = [block for block in page if block.language == "sh"]
+    return [line.strip() for line in last.code.splitlines() if line.strip()]
+
+
+# -- the programs of the other pages --------------------------------------------------------------
+
+PROGRAM_PAGES = [
+    page for page in PAGES if page != QUICKSTART and any(block.title for block in blocks(page))
+]
+
+
+@pytest.mark.parametrize("page", PROGRAM_PAGES, ids=page_id)
+def test_the_programs_of_a_page_run_as_written(page: Path, tmp_path: Path) -> None:
+    found = blocks(page)
+    for block in found:
+        if block.title and block.title != "output":
+            (tmp_path / block.title).write_text(block.code)
+    for index, block in enumerate(found):
+        if block.title is None or block.title == "output":
+            continue
+        if block.title.endswith(".sh"):
+            if shutil.which("openssl") is None and "openssl" in block.code:
+                pytest.skip("openssl is not installed")
+            command = ["bash", "-euo", "pipefail", block.title]
+        elif block.title.startswith("test_") and block.title.endswith(".py"):
+            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", block.title]
+        elif block.title.endswith(".py"):
+            command = [sys.executable, block.title]
+        else:
+            continue  # a file the programs read
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{block.title}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        following = found[index + 1] if index + 1 < len(found) else None
+        if following is not None and following.title == "output":
+            assert done.stdout == following.code, f"{block.title} printed:\n{done.stdout}"
+
+
+# -- every other snippet --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_python_snippets_compile_and_import_what_exists(page: Path) -> None:
+    for block in blocks(page):
+        if block.language != "python":
+            continue
+        tree = compile(
+            block.code,
+            f"{page.name} snippet",
+            "exec",
+            ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+        )
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "flare_agent_async"
+            ):
+                module = importlib.import_module(node.module or "")
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{page.name}: {ast.unparse(node)}"
+
+
+# -- the reference ------------------------------------------------------------------------------
+
+
+def documented_objects() -> list[object]:
+    """What the reference pages render: whole modules (their ``__all__``) and single names."""
+    objects: list[object] = []
+    directive = re.compile(r"^::: ([\w.]+)\n((?:    .*\n)*)", flags=re.MULTILINE)
+    for page in (DOCS / "reference").glob("*.md"):
+        for target, options in directive.findall(page.read_text()):
+            try:
+                module = importlib.import_module(target)
+            except ImportError:
+                module_name, _, name = target.rpartition(".")
+                objects.append(getattr(importlib.import_module(module_name), name))
+            else:
+                if "members: false" not in options:
+                    objects.extend(getattr(module, name) for name in module.__all__)
+    return objects
+
+
+@pytest.mark.parametrize("module_name", PUBLIC_MODULES)
+def test_every_public_name_is_in_the_reference(module_name: str) -> None:
+    documented = documented_objects()
+    module = importlib.import_module(module_name)
+    missing = [
+        name
+        for name in module.__all__
+        if not any(getattr(module, name) is obj for obj in documented)
+    ]
+    assert not missing, f"not in docs/reference: {module_name}.{missing}"
+
+
+def test_every_command_line_option_is_in_the_cli_page() -> None:
+    page = (DOCS / "cli.md").read_text()
+    parser = cli._parser()
+    (commands,) = [
+        action for action in parser._actions if action.__class__.__name__ == "_SubParsersAction"
+    ]
+    for name, subparser in commands.choices.items():
+        assert f"flare-agent-async {name}" in page, f"the {name} command is not in docs/cli.md"
+        for action in subparser._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert f"`{option}" in page, f"{name} {option} is not in docs/cli.md"
+
+
+def test_every_page_is_in_the_site_navigation() -> None:
+    navigation = set(re.findall(r"([\w/]+\.md)", (ROOT / "mkdocs.yml").read_text()))
+    pages = {path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md")}
+    assert pages == navigation

@@ -112,7 +112,9 @@ class TLSByteStream(ByteStream):
             self._incoming.write_eof()
 
     async def receive_into(self, buffer: memoryview) -> int:
-        self.waited_to_receive = True  # conservatively: decryption may not have yielded
+        # Waited only if the socket had to wait: a read served from bytes already here is no
+        # schedule point, and claiming otherwise would let a large frame starve other tasks.
+        self.waited_to_receive = False
         while True:
             try:
                 # read() fills the buffer and returns a count when given one; nothing is
@@ -121,6 +123,7 @@ class TLSByteStream(ByteStream):
                 return count
             except ssl.SSLWantReadError:
                 await self._fill()
+                self.waited_to_receive = self.waited_to_receive or self._inner.waited_to_receive
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0  # a close, clean or not: the framing above tells a cut frame
             except ssl.SSLError as exc:

@@ -156,3 +156,27 @@ class Child:
 def usage(records: dict[str, Any]) -> dict[str, float]:
     """A process's peak RSS and CPU seconds from its records."""
     return {"peak_rss_mib": records["peak_rss_mib"], "cpu_s": records["cpu_s"]}
+
+
+BACKENDS = ("asyncio", "uvloop", "trio")
+
+
+def available_backends() -> list[str]:
+    """The event loops installed here, of asyncio, uvloop and trio."""
+    found = []
+    for backend, module in zip(BACKENDS, ("asyncio", "uvloop", "trio"), strict=True):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        found.append(backend)
+    return found
+
+
+def run_on(backend: str, function: Any, *args: Any) -> Any:
+    """``anyio.run`` on asyncio, asyncio with uvloop, or trio."""
+    import anyio
+
+    if backend == "uvloop":
+        return anyio.run(function, *args, backend="asyncio", backend_options={"use_uvloop": True})
+    return anyio.run(function, *args, backend=backend)

@@ -1,142 +1,343 @@
-"""Small-task round trips over TCP, agent and site in separate processes, next to the floor: an
-anyio TCP stream ping-pong of 100 bytes between two processes on the same backend.
+"""Small tasks one after another: what a task round trip costs, next to the floors.
 
-    python -m benchmarks.latency [--tasks 3000] [--repeats 3] [--backends asyncio trio]
+Ours: a site runs small tasks on one agent (``run_task`` until the result is back), site and agent
+each in a process of its own, over tcp, unix and tls; over ``memory://`` both live in one process.
+The agent is an `AsyncFlareAgent`, or a `SyncFlareAgent` driven by a plain blocking loop.
+
+The floors, measured in the same run: a 100-byte ping-pong between two processes over an anyio
+TCP stream on the same event loop, the same over raw blocking sockets, and one bare
+`BlockingPortal.call` (what a thread crossing costs: the sync facade's yardstick).
+
+    python -m benchmarks.latency [--tasks 3000] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
+import socket
+import ssl
+import tempfile
 import time
 from typing import Any
 
-import anyio
+from benchmarks._harness import (
+    Child,
+    available_backends,
+    cpu_seconds,
+    emit,
+    report_usage,
+    run_on,
+    spread,
+    usage,
+)
 
-_CWD = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.latency", *args],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=_CWD,
-    )
-
-
-def run_echo(backend: str) -> None:
-    """The floor's far end: an anyio TCP echo server; prints its port."""
-
-    async def main() -> None:
-        async def echo(stream: Any) -> None:
-            async with stream:
-                async for data in stream:
-                    await stream.send(data)
-
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-        print(
-            json.dumps({"port": listener.extra(anyio.abc.SocketAttribute.local_port)}), flush=True
-        )
-        async with listener:
-            with anyio.move_on_after(300):
-                await listener.serve(echo)
-
-    anyio.run(main, backend=backend)
+TRANSPORTS = ("memory", "tcp", "unix", "tls")
+PING = b"x" * 100
 
 
-def run_agent(url: str, backend: str) -> None:
+# -- ours -----------------------------------------------------------------------------------------
+
+
+def _tls_site_context(folder: str) -> ssl.SSLContext:
+    """A throwaway CA and a certificate for 127.0.0.1; the CA lands in ``folder/ca.pem``."""
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(os.path.join(folder, "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+async def _site(url: str, tasks: int, repeats: int, folder: str) -> None:
+    from flare_agent_async import FlareSite
+
+    context = _tls_site_context(folder) if url.startswith("tls:") else None
+    async with FlareSite("bench") as site:
+        emit(url=await site.listen(url, ssl_context=context))
+        await site.wait_for_agent("a1", timeout=60)
+        for n in range(max(tasks // 10, 1)):
+            await site.run_task("a1", "ping", {"n": n})
+        per_task, cpu = [], []
+        for _ in range(repeats):
+            started, cpu_started = time.perf_counter(), cpu_seconds()
+            for n in range(tasks):
+                await site.run_task("a1", "ping", {"n": n})
+            per_task.append((time.perf_counter() - started) / tasks * 1e6)
+            cpu.append((cpu_seconds() - cpu_started) / tasks * 1e3)
+        emit(task_us=per_task, site_cpu_ms_per_task=min(cpu))
+
+
+def _agent_options(url: str, folder: str) -> dict[str, Any]:
+    if not url.startswith("tls:"):
+        return {}
+    from flare_agent_async.tls import client_context
+
+    return {"ssl_context": client_context(os.path.join(folder, "ca.pem"))}
+
+
+async def _async_agent(url: str, folder: str) -> None:
     from flare_agent_async import AsyncFlareAgent, TaskResult
 
-    async def main() -> None:
+    tasks = 0
+    options = _agent_options(url, folder)
+    async with AsyncFlareAgent(url, agent_id="a1", site_name="bench", **options) as agent:
+        cpu_started = cpu_seconds()
+        async for task in agent.tasks():
+            await agent.submit_result(TaskResult({}, task.data))
+            tasks += 1
+    emit(agent_cpu_ms_per_task=(cpu_seconds() - cpu_started) / max(tasks, 1) * 1e3)
+
+
+def _sync_agent(url: str, backend: str, folder: str) -> None:
+    from flare_agent_async import SyncFlareAgent, TaskResult
+
+    tasks = 0
+    options = _agent_options(url, folder)
+    with SyncFlareAgent(url, agent_id="a1", site_name="bench", backend=backend, **options) as agent:
+        cpu_started = cpu_seconds()
+        for task in agent.tasks():
+            agent.submit_result(TaskResult({}, task.data))
+            tasks += 1
+    emit(agent_cpu_ms_per_task=(cpu_seconds() - cpu_started) / max(tasks, 1) * 1e3)
+
+
+async def _in_memory(tasks: int, repeats: int) -> None:
+    """Site and agent in this one process over ``memory://``."""
+    import anyio
+
+    from flare_agent_async import AsyncFlareAgent, FlareSite, TaskResult
+
+    async def trainer(url: str) -> None:
         async with AsyncFlareAgent(url, agent_id="a1", site_name="bench") as agent:
             async for task in agent.tasks():
                 await agent.submit_result(TaskResult({}, task.data))
 
-    anyio.run(main, backend=backend)
+    async with anyio.create_task_group() as group, FlareSite("bench") as site:
+        group.start_soon(trainer, await site.listen("memory://"))
+        await site.wait_for_agent("a1", timeout=10)
+        for n in range(max(tasks // 10, 1)):
+            await site.run_task("a1", "ping", {"n": n})
+        per_task, cpu = [], []
+        for _ in range(repeats):
+            started, cpu_started = time.perf_counter(), cpu_seconds()
+            for n in range(tasks):
+                await site.run_task("a1", "ping", {"n": n})
+            per_task.append((time.perf_counter() - started) / tasks * 1e6)
+            cpu.append((cpu_seconds() - cpu_started) / tasks * 1e3)
+    emit(task_us=per_task, site_cpu_ms_per_task=min(cpu))
 
 
-async def floor(backend: str, count: int) -> float:
-    echo = _spawn("--role", "echo", "--backend", backend)
-    assert echo.stdout is not None
-    port = json.loads(echo.stdout.readline())["port"]
-    try:
-        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-            for _ in range(count // 10):
-                await stream.send(b"x" * 100)
-                await stream.receive()
+def ours(transport: str, backend: str, agent: str, tasks: int, repeats: int) -> dict[str, Any]:
+    """Small-task round trips with our site and agent; one row of figures."""
+    row: dict[str, Any] = {"transport": transport, "backend": backend, "agent": agent}
+    common = ("--backend", backend, "--tasks", str(tasks), "--repeats", str(repeats))
+    if transport == "memory":
+        with Child("latency", "memory", *common) as both:
+            records = both.finish()
+        row.update(site=usage(records), agent=usage(records), agent_cpu_ms_per_task=0.0)
+    else:
+        folder = tempfile.mkdtemp(prefix="flare-bench-")
+        url = {
+            "tcp": "tcp://127.0.0.1:0",
+            "unix": f"unix://{folder}/site.sock",
+            "tls": "tls://127.0.0.1:0",
+        }[transport]
+        with Child("latency", "site", *common, "--url", url, "--folder", folder) as site:
+            bound = site.expect("url")
+            with Child(
+                "latency",
+                f"{agent}-agent",
+                "--backend",
+                backend,
+                "--url",
+                bound,
+                "--folder",
+                folder,
+            ) as agent_process:
+                site_records = site.finish()
+                agent_records = agent_process.finish()
+        row.update(
+            site=usage(site_records),
+            agent=usage(agent_records),
+            agent_cpu_ms_per_task=agent_records["agent_cpu_ms_per_task"],
+        )
+        records = site_records
+    row["task_us"] = spread(records["task_us"])
+    row["tasks_per_s"] = 1e6 / row["task_us"]["median"]
+    row["site_cpu_ms_per_task"] = records["site_cpu_ms_per_task"]
+    return row
+
+
+# -- floors ---------------------------------------------------------------------------------------
+
+
+async def _anyio_echo() -> None:
+    import anyio
+    import anyio.abc
+
+    async def echo(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            async for data in stream:
+                await stream.send(data)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    emit(port=listener.extra(anyio.abc.SocketAttribute.local_port))
+    async with listener:
+        with anyio.move_on_after(600):
+            await listener.serve(echo)
+
+
+async def _anyio_ping(port: int, count: int, repeats: int) -> None:
+    import anyio
+
+    async def exchange(stream: Any) -> None:
+        await stream.send(PING)
+        got = len(await stream.receive())
+        while got < len(PING):
+            got += len(await stream.receive())
+
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        for _ in range(max(count // 10, 1)):
+            await exchange(stream)
+        per_trip = []
+        for _ in range(repeats):
             started = time.perf_counter()
             for _ in range(count):
-                await stream.send(b"x" * 100)
-                await stream.receive()
-            return (time.perf_counter() - started) / count * 1e6
-    finally:
-        echo.kill()
-        echo.wait()
+                await exchange(stream)
+            per_trip.append((time.perf_counter() - started) / count * 1e6)
+    emit(trip_us=per_trip)
 
 
-async def task_round_trip(backend: str, count: int) -> float:
-    from flare_agent_async import FlareSite
+def _raw_echo() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    emit(port=server.getsockname()[1])
+    connection, _ = server.accept()
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while data := connection.recv(65536):
+        connection.sendall(data)
 
-    async with FlareSite("bench") as site:
-        url = await site.listen("tcp://127.0.0.1:0")
-        agent = _spawn("--role", "agent", "--url", url, "--backend", backend)
-        await site.wait_for_agent("a1", timeout=30)
-        for n in range(count // 10):
-            await site.run_task("a1", "ping", n)
+
+def _raw_ping(port: int, count: int, repeats: int) -> None:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = bytearray(len(PING))
+
+    def exchange() -> None:
+        sock.sendall(PING)
+        got = 0
+        while got < len(PING):
+            got += sock.recv_into(memoryview(buffer)[got:])
+
+    for _ in range(max(count // 10, 1)):
+        exchange()
+    per_trip = []
+    for _ in range(repeats):
         started = time.perf_counter()
-        for n in range(count):
-            await site.run_task("a1", "ping", n)
-        elapsed = time.perf_counter() - started
-    agent.wait(30)
-    return elapsed / count * 1e6
+        for _ in range(count):
+            exchange()
+        per_trip.append((time.perf_counter() - started) / count * 1e6)
+    sock.close()
+    emit(trip_us=per_trip)
 
 
-def measure(backend: str, count: int, repeats: int) -> dict[str, Any]:
-    floors = [anyio.run(floor, backend, count, backend=backend) for _ in range(repeats)]
-    tasks = [anyio.run(task_round_trip, backend, count, backend=backend) for _ in range(repeats)]
-    return {
-        "backend": backend,
-        "anyio_ping_pong_us": statistics.median(floors),
-        "task_round_trip_us": statistics.median(tasks),
-        "tasks_per_s": 1e6 / statistics.median(tasks),
-        "ratio": statistics.median(tasks) / statistics.median(floors),
-    }
+def _portal_calls(backend: str, count: int, repeats: int) -> None:
+    import anyio.from_thread
+
+    async def nothing() -> None:
+        return None
+
+    name, options = ("asyncio", {"use_uvloop": True}) if backend == "uvloop" else (backend, {})
+    with anyio.from_thread.start_blocking_portal(name, options) as portal:
+        for _ in range(max(count // 10, 1)):
+            portal.call(nothing)
+        per_call = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(count):
+                portal.call(nothing)
+            per_call.append((time.perf_counter() - started) / count * 1e6)
+    emit(call_us=per_call)
 
 
-def main() -> None:
+def ping_pong(backend: str, count: int, repeats: int) -> dict[str, Any]:
+    """A 100-byte TCP ping-pong between two processes: anyio streams on ``backend``, or raw
+    blocking sockets when ``backend`` is ``"blocking"``."""
+    prefix = "raw" if backend == "blocking" else "anyio"
+    with Child("latency", f"{prefix}-echo", "--backend", backend) as echo:
+        port = echo.expect("port")
+        with Child(
+            "latency",
+            f"{prefix}-ping",
+            "--backend",
+            backend,
+            "--port",
+            str(port),
+            "--tasks",
+            str(count),
+            "--repeats",
+            str(repeats),
+        ) as ping:
+            records = ping.finish()
+    return {"floor": "tcp ping-pong", "backend": backend, "us": spread(records["trip_us"])}
+
+
+def portal_call(backend: str, count: int, repeats: int) -> dict[str, Any]:
+    """One bare `BlockingPortal.call` of a coroutine that does nothing."""
+    common = ("--tasks", str(count), "--repeats", str(repeats))
+    with Child("latency", "portal", "--backend", backend, *common) as child:
+        records = child.finish()
+    return {"floor": "portal.call", "backend": backend, "us": spread(records["call_us"])}
+
+
+# -- entry points ---------------------------------------------------------------------------------
+
+
+def role(args: argparse.Namespace) -> None:
+    """Run one process's part, then report its resource usage."""
+    if args.role == "site":
+        run_on(args.backend, _site, args.url, args.tasks, args.repeats, args.folder)
+    elif args.role == "async-agent":
+        run_on(args.backend, _async_agent, args.url, args.folder)
+    elif args.role == "sync-agent":
+        _sync_agent(args.url, args.backend, args.folder)
+    elif args.role == "memory":
+        run_on(args.backend, _in_memory, args.tasks, args.repeats)
+    elif args.role == "anyio-echo":
+        run_on(args.backend, _anyio_echo)
+    elif args.role == "anyio-ping":
+        run_on(args.backend, _anyio_ping, args.port, args.tasks, args.repeats)
+    elif args.role == "raw-echo":
+        _raw_echo()
+    elif args.role == "raw-ping":
+        _raw_ping(args.port, args.tasks, args.repeats)
+    elif args.role == "portal":
+        _portal_calls(args.backend, args.tasks, args.repeats)
+    else:
+        raise SystemExit(f"unknown role {args.role!r}")
+    report_usage()
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__)
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=["asyncio", "trio"])
-    parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--role", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--backend", default="asyncio", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.role == "echo":
-        return run_echo(args.backend)
-    if args.role == "agent":
-        return run_agent(args.url, args.backend)
-    rows = [measure(backend, args.tasks, args.repeats) for backend in args.backends]
-    print(f"tcp, separate processes, {args.tasks} round trips, median of {args.repeats}, µs")
-    print(
-        "{:8} {:>15} {:>16} {:>8} {:>7}".format(
-            "backend", "anyio ping-pong", "task round trip", "tasks/s", "ratio"
-        )
-    )
-    for row in rows:
-        print(
-            f"{row['backend']:8} {row['anyio_ping_pong_us']:15.1f} "
-            f"{row['task_round_trip_us']:16.1f} {row['tasks_per_s']:8.0f} {row['ratio']:6.2f}x"
-        )
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=2)
+    for hidden in ("--role", "--url", "--folder", "--port", "--backend"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role:
+        if args.port:
+            args.port = int(args.port)
+        return role(args)
+    for backend in available_backends():
+        floor = ping_pong(backend, args.tasks, args.repeats)["us"]["median"]
+        for transport in TRANSPORTS:
+            row = ours(transport, backend, "async", args.tasks, args.repeats)
+            print(
+                f"{transport:6} {backend:8} {row['task_us']['median']:8.1f} µs per task "
+                f"({row['task_us']['median'] / floor:.1f}x the anyio tcp ping-pong, {floor:.1f} µs)"
+            )
     return None
 
 

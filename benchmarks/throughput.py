@@ -1,95 +1,77 @@
 """A large model out and back: the site sends N MiB of float32 arrays to an agent, which returns
 them; next to the floor, the same bytes out and back over raw blocking sockets.
 
-Every side runs in its own process, so each process's peak RSS is its own. Memory is reported as
-peak RSS above the process's RSS just before the transfer (the site's payload already built), in
-multiples of the payload: 1.0x is the data received, which has to exist somewhere.
+Every side runs in a process of its own, so each process's peak RSS is its own. Memory is the
+peak RSS growth during the transfers over the payload size: the site's model is built before it is
+measured, so 1.0x at either end is the received copy, which has to exist somewhere.
 
-    python -m benchmarks.throughput [--mib 512] [--repeats 3] [--transports tcp unix]
-                                    [--backends asyncio trio] [--json out.json]
+    python -m benchmarks.throughput [--mib 512] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import socket
-import statistics
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
+from benchmarks._harness import (
+    Child,
+    available_backends,
+    emit,
+    payload,
+    peak_rss_bytes,
+    report_usage,
+    rss_bytes,
+    run_on,
+    spread,
+    usage,
+)
+from benchmarks.latency import _agent_options, _tls_site_context
+
+TRANSPORTS = ("tcp", "unix", "tls")
+
+# -- ours, one process per side -------------------------------------------------------------------
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * _PAGE
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def payload(mib: int) -> dict[str, np.ndarray]:
-    arrays = 8
-    count = mib * 2**20 // 4 // arrays
-    return {f"layer{n}": np.full(count, n, dtype=np.float32) for n in range(arrays)}
-
-
-def emit(record: dict[str, Any]) -> None:
-    print(json.dumps(record), flush=True)
-
-
-# -- flare_agent_async, one process per side ----------------------------------------------------
-
-
-def run_site(url: str, mib: int, repeats: int, backend: str) -> None:
-    import anyio
-
+async def _site(url: str, mib: float, repeats: int, folder: str) -> None:
     from flare_agent_async import FlareSite
 
-    async def main() -> None:
-        async with FlareSite("bench", heartbeat_interval=5, heartbeat_timeout=120) as site:
-            emit({"url": await site.listen(url)})
-            await site.wait_for_agent("agent", timeout=60)
-            data = payload(mib)
-            seconds, growth = [], []
-            for _ in range(repeats):
-                before = rss_bytes()
-                started = time.perf_counter()
-                result = await site.run_task("agent", "echo", data)
-                seconds.append(time.perf_counter() - started)
-                growth.append(peak_rss_bytes() - before)
-                assert np.array_equal(result.data["layer7"][:10], data["layer7"][:10])
-                del result
-        emit({"seconds": seconds, "site_peak_growth": max(growth)})
+    context = _tls_site_context(folder) if url.startswith("tls:") else None
+    async with FlareSite("bench", heartbeat_interval=5, heartbeat_timeout=120) as site:
+        emit(url=await site.listen(url, ssl_context=context))
+        await site.wait_for_agent("agent", timeout=60)
+        data = payload(mib)
+        seconds, growth = [], []
+        for _ in range(repeats):
+            before = rss_bytes()
+            started = time.perf_counter()
+            result = await site.run_task("agent", "echo", data)
+            seconds.append(time.perf_counter() - started)
+            growth.append(peak_rss_bytes() - before)
+            if not np.array_equal(result.data["layer7"][-10:], data["layer7"][-10:]):
+                raise AssertionError("the model came back changed")
+            del result
+    emit(seconds=seconds, rss_growth=max(growth))
 
-    anyio.run(main, backend=backend)
 
-
-def run_agent(url: str, backend: str) -> None:
-    import anyio
-
+async def _agent(url: str, folder: str) -> None:
     from flare_agent_async import AsyncFlareAgent, TaskResult
 
-    async def main() -> None:
-        before = rss_bytes()
-        agent = AsyncFlareAgent(url, agent_id="agent", site_name="bench", connect_timeout=60)
-        async with agent:
-            async for task in agent.tasks():
-                await agent.submit_result(TaskResult({}, task.data))
-                del task
-        emit({"agent_peak_growth": peak_rss_bytes() - before})
-
-    anyio.run(main, backend=backend)
+    before = rss_bytes()
+    options = _agent_options(url, folder)
+    async with AsyncFlareAgent(
+        url, agent_id="agent", site_name="bench", connect_timeout=60, **options
+    ) as agent:
+        async for task in agent.tasks():
+            await agent.submit_result(TaskResult({}, task.data))
+            del task
+    emit(rss_growth=peak_rss_bytes() - before)
 
 
 # -- the floor: raw blocking sockets, the same bytes ----------------------------------------------
@@ -106,12 +88,12 @@ def _receive_exactly(sock: socket.socket, size: int) -> np.ndarray:
     return buffer
 
 
-def run_floor_echo(address: str) -> None:
+def _floor_echo(address: str) -> None:
     family = socket.AF_UNIX if address.startswith("/") else socket.AF_INET
     server = socket.socket(family, socket.SOCK_STREAM)
     server.bind(address if family == socket.AF_UNIX else ("127.0.0.1", 0))
     server.listen(1)
-    emit({"address": address if family == socket.AF_UNIX else server.getsockname()[1]})
+    emit(address=address if family == socket.AF_UNIX else server.getsockname()[1])
     connection, _ = server.accept()
     before = rss_bytes()
     while header := connection.recv(8):
@@ -119,145 +101,118 @@ def run_floor_echo(address: str) -> None:
         data = _receive_exactly(connection, size)
         connection.sendall(memoryview(data))
         del data
-    emit({"agent_peak_growth": peak_rss_bytes() - before})
+    emit(rss_growth=peak_rss_bytes() - before)
 
 
-def run_floor_client(address: str | int, mib: int, repeats: int) -> None:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+def _floor_client(address: str, mib: float, repeats: int) -> None:
+    family = socket.AF_UNIX if address.startswith("/") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.connect(address if isinstance(address, str) else ("127.0.0.1", address))
+    sock.connect(address if family == socket.AF_UNIX else ("127.0.0.1", int(address)))
     data = np.concatenate([array.view(np.uint8) for array in payload(mib).values()])
     seconds, growth = [], []
     for _ in range(repeats):
         before = rss_bytes()
         started = time.perf_counter()
-        sock.sendall(struct.pack("<Q", data.nbytes) + b"")
+        sock.sendall(struct.pack("<Q", data.nbytes))
         sock.sendall(memoryview(data))
         back = _receive_exactly(sock, data.nbytes)
         seconds.append(time.perf_counter() - started)
         growth.append(peak_rss_bytes() - before)
         del back
     sock.close()
-    emit({"seconds": seconds, "site_peak_growth": max(growth)})
+    emit(seconds=seconds, rss_growth=max(growth))
 
 
 # -- the runner -----------------------------------------------------------------------------------
 
 
-def _spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.throughput", *args],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-
-
-def _records(process: subprocess.Popen[str]) -> dict[str, Any]:
-    out, _ = process.communicate(timeout=600)
-    if process.returncode:
-        raise RuntimeError(f"{process.args} failed with exit status {process.returncode}")
-    merged: dict[str, Any] = {}
-    for line in out.splitlines():
-        merged.update(json.loads(line))
-    return merged
-
-
-def measure(scenario: str, transport: str, backend: str, mib: int, repeats: int) -> dict[str, Any]:
-    """One scenario, site and agent in two fresh processes; the figures as a dict."""
-    folder = tempfile.mkdtemp(dir="/tmp")
-    if scenario == "floor":
-        address = os.path.join(folder, "floor.sock") if transport == "unix" else "tcp"
-        echo = _spawn("--role", "floor-echo", "--address", address)
-        assert echo.stdout is not None
-        bound = json.loads(echo.stdout.readline())["address"]
-        client = _spawn(
-            "--role",
-            "floor-client",
-            "--address",
-            str(bound),
-            "--mib",
-            str(mib),
-            "--repeats",
-            str(repeats),
-        )
-        site_record, agent_record = _records(client), _records(echo)
-    else:
-        url = f"unix://{folder}/site.sock" if transport == "unix" else "tcp://127.0.0.1:0"
-        site = _spawn(
-            "--role",
-            "site",
-            "--url",
-            url,
-            "--mib",
-            str(mib),
-            "--repeats",
-            str(repeats),
-            "--backend",
-            backend,
-        )
-        assert site.stdout is not None
-        bound_url = json.loads(site.stdout.readline())["url"]
-        agent = _spawn("--role", "agent", "--url", bound_url, "--backend", backend)
-        site_record, agent_record = _records(site), _records(agent)
+def _row(
+    scenario: str,
+    transport: str,
+    backend: str,
+    mib: float,
+    site: dict[str, Any],
+    agent: dict[str, Any],
+) -> dict[str, Any]:
     payload_bytes = mib * 2**20
-    seconds = statistics.median(site_record["seconds"])
+    seconds = spread(site["seconds"])
     return {
         "scenario": scenario,
         "transport": transport,
-        "backend": backend if scenario != "floor" else "blocking",
+        "backend": backend,
         "mib": mib,
         "seconds": seconds,
-        "seconds_all": site_record["seconds"],
-        "gbytes_per_s": 2 * payload_bytes / seconds / 1e9,
-        "site_rss_x": site_record["site_peak_growth"] / payload_bytes,
-        "agent_rss_x": agent_record["agent_peak_growth"] / payload_bytes,
+        "gbytes_per_s": 2 * payload_bytes / seconds["median"] / 1e9,
+        "site_rss_x": site["rss_growth"] / payload_bytes,
+        "agent_rss_x": agent["rss_growth"] / payload_bytes,
+        "site": usage(site),
+        "agent": usage(agent),
     }
+
+
+def floor(transport: str, mib: float, repeats: int) -> dict[str, Any]:
+    """The same bytes out and back over raw blocking sockets (tcp or unix)."""
+    folder = tempfile.mkdtemp(prefix="flare-bench-")
+    address = os.path.join(folder, "floor.sock") if transport == "unix" else "tcp"
+    with Child("throughput", "floor-echo", "--address", address) as echo:
+        bound = echo.expect("address")
+        common = ("--mib", str(mib), "--repeats", str(repeats))
+        with Child("throughput", "floor-client", "--address", str(bound), *common) as client:
+            site = client.finish()
+            agent = echo.finish()
+    return _row("floor", transport, "blocking", mib, site, agent)
+
+
+def ours(transport: str, backend: str, mib: float, repeats: int) -> dict[str, Any]:
+    """Our site and agent, one process each, one model out and back ``repeats`` times."""
+    folder = tempfile.mkdtemp(prefix="flare-bench-")
+    url = {
+        "tcp": "tcp://127.0.0.1:0",
+        "unix": f"unix://{folder}/site.sock",
+        "tls": "tls://127.0.0.1:0",
+    }[transport]
+    common = ("--backend", backend, "--folder", folder)
+    sizes = ("--mib", str(mib), "--repeats", str(repeats))
+    with Child("throughput", "site", "--url", url, *common, *sizes) as site_process:
+        bound = site_process.expect("url")
+        with Child("throughput", "agent", "--url", bound, *common) as agent_process:
+            site = site_process.finish()
+            agent = agent_process.finish()
+    return _row("flare_agent_async", transport, backend, mib, site, agent)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
-    parser.add_argument("--mib", type=int, default=512)
+    parser.add_argument("--mib", type=float, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--transports", nargs="+", default=["tcp", "unix"])
-    parser.add_argument("--backends", nargs="+", default=["asyncio", "trio"])
-    parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--role", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--address", help=argparse.SUPPRESS)
-    parser.add_argument("--backend", default="asyncio", help=argparse.SUPPRESS)
+    for hidden in ("--role", "--url", "--address", "--folder", "--backend"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.role == "site":
-        run_site(args.url, args.mib, args.repeats, args.backend)
-    elif args.role == "agent":
-        run_agent(args.url, args.backend)
-    elif args.role == "floor-echo":
-        run_floor_echo(args.address)
-    elif args.role == "floor-client":
-        address = args.address if args.address.startswith("/") else int(args.address)
-        run_floor_client(address, args.mib, args.repeats)
-    else:
-        report(args)
-
-
-def report(args: argparse.Namespace) -> None:
-    rows = []
-    for transport in args.transports:
-        rows.append(measure("floor", transport, "", args.mib, args.repeats))
-        for backend in args.backends:
-            rows.append(measure("flare_agent_async", transport, backend, args.mib, args.repeats))
-    print(f"{args.mib} MiB out and back, median of {args.repeats}; RSS: peak growth / payload")
-    columns = ("scenario", "transport", "backend", "GB/s", "s", "site", "agent")
-    print("{:18} {:9} {:9} {:>6} {:>6} {:>6} {:>6}".format(*columns))
-    for row in rows:
-        print(
-            f"{row['scenario']:18} {row['transport']:9} {row['backend']:9} "
-            f"{row['gbytes_per_s']:6.2f} {row['seconds']:6.2f} "
-            f"{row['site_rss_x']:5.2f}x {row['agent_rss_x']:5.2f}x"
-        )
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=2)
+    if args.role:
+        if args.role == "site":
+            run_on(args.backend, _site, args.url, args.mib, args.repeats, args.folder)
+        elif args.role == "agent":
+            run_on(args.backend, _agent, args.url, args.folder)
+        elif args.role == "floor-echo":
+            _floor_echo(args.address)
+        elif args.role == "floor-client":
+            _floor_client(args.address, args.mib, args.repeats)
+        else:
+            raise SystemExit(f"unknown role {args.role!r}")
+        report_usage()
+        return
+    for transport in TRANSPORTS:
+        rows = [
+            ours(transport, backend, args.mib, args.repeats) for backend in available_backends()
+        ]
+        if transport != "tls":
+            rows.insert(0, floor(transport, args.mib, args.repeats))
+        for row in rows:
+            print(
+                f"{row['scenario']:18} {transport:5} {row['backend']:8} "
+                f"{row['gbytes_per_s']:5.2f} GB/s  RSS site {row['site_rss_x']:.2f}x "
+                f"agent {row['agent_rss_x']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

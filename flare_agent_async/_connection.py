@@ -49,7 +49,11 @@ class Connection:
     * the reader hands every message to ``handle`` and wakes the writer; if nothing arrives for
       ``read_timeout()`` seconds (not a message, not a byte of one, and no send the peer made
       room for) the peer is declared silent;
-    * once ``finished()`` is true, the writer flushes what is left and the connection ends.
+    * once ``finished()`` is true, the writer flushes what is left and the connection ends;
+    * with ``max_handled_while_sending``, the reader handles at most that many messages while one
+      send waits for the peer, then waits for the send: a peer that sends without reading cannot
+      make the replies it asks for pile up (back-pressure; the site uses it, each message it
+      handles queues at most one reply).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class Connection:
         flush_deferred: Callable[[], list[Message]] = list,
         on_progress: Callable[[Progress], object] | None = None,
         on_protocol_error: Callable[[ProtocolError], None] | None = None,
+        max_handled_while_sending: int | None = None,
     ) -> None:
         self.stream = stream
         self._data_to_send = data_to_send
@@ -77,6 +82,9 @@ class Connection:
         self._deferred = deferred
         self._flush_deferred = flush_deferred
         self._on_protocol_error = on_protocol_error
+        self._max_handled_while_sending = max_handled_while_sending
+        self._sending: anyio.Event | None = None  # set while the writer is in a send
+        self._handled_while_sending = 0
         self._wakeup: anyio.Event | None = None  # set while the writer waits
         self._scope = anyio.CancelScope()
         self._liveness: anyio.CancelScope | None = None
@@ -184,11 +192,26 @@ class Connection:
 
     async def _send(self, messages: list[Message]) -> None:
         stream = self.stream
-        if isinstance(stream, FramedMessageStream):
-            await stream.send_batch(messages)  # one system call for small messages
-        else:
-            for message in messages:
-                await stream.send(message)
+        self._sending = anyio.Event()
+        self._handled_while_sending = 0
+        try:
+            if isinstance(stream, FramedMessageStream):
+                await stream.send_batch(messages)  # one system call for small messages
+            else:
+                for message in messages:
+                    await stream.send(message)
+        finally:
+            sending, self._sending = self._sending, None
+            sending.set()
+
+    async def _wait_for_send(self) -> None:
+        """Back-pressure: after enough messages handled during one send, wait for it to end."""
+        sending, limit = self._sending, self._max_handled_while_sending
+        if sending is None or limit is None:
+            return
+        self._handled_while_sending += 1
+        if self._handled_while_sending >= limit:
+            await sending.wait()
 
     async def _read(self) -> None:
         stream = self.stream
@@ -200,5 +223,6 @@ class Connection:
                 self._handle(message)
                 del message  # a received model belongs to the trainer now, not to this loop
                 self.wake()
+                await self._wait_for_send()
         timeout = self._read_timeout()
         raise PeerSilent(f"nothing arrived from the peer for {timeout:g} s")

@@ -51,6 +51,10 @@ __all__ = ["FlareSite", "LogRecord"]
 
 logger = logging.getLogger("flare_agent_async.site")
 
+_MAX_HANDLED_WHILE_SENDING = 64
+"""Messages the site handles from an agent while a send to it waits; each queues at most one
+reply, so an agent that sends without reading holds at most this many replies at the site."""
+
 
 class FlareSite:
     """A FLARE site: agents connect to it, it runs tasks on them.
@@ -425,6 +429,7 @@ class FlareSite:
             read_timeout=lambda: self._config.heartbeat_timeout,
             on_progress=None if self._on_progress is None else partial(self._on_progress, agent_id),
             on_protocol_error=on_protocol_error,
+            max_handled_while_sending=_MAX_HANDLED_WHILE_SENDING,
         )
         session.connection_made(hello, proof)
         self._connections[agent_id] = connection

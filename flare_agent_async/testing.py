@@ -4,16 +4,19 @@
 * `run_trainer`: a scripted site that runs a list of tasks through your trainer and returns the
   results;
 * `ScriptedPeer`: the far end of an agent's connection, driven message by message by the test;
-* `FaultyConnector`: wraps a connector so a test can break connections at chosen moments.
+* `FaultyConnector`: wraps a connector so a test can break connections at chosen moments, or at
+  random from a seed: drops, duplicates, truncated frames, delays and slow readers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -22,11 +25,31 @@ from anyio.abc import ObjectStream, TaskGroup
 from .agent import AsyncFlareAgent
 from .defs import TaskResult
 from .exceptions import TransportError
-from .protocol import PROTOCOL_VERSION, Hello, Message, Welcome
+from .protocol import (
+    PROTOCOL_VERSION,
+    Bye,
+    Challenge,
+    Hello,
+    Message,
+    Proof,
+    Reject,
+    Welcome,
+)
+from .protocol._codec import encode_frame
 from .site import FlareSite
-from .transports import Connector, MessageListener, MessageStream, create_listener
+from .transports import (
+    ByteStream,
+    Connector,
+    FramedMessageStream,
+    MessageListener,
+    MessageStream,
+    connector_for,
+    create_listener,
+)
 
 __all__ = [
+    "RECEIVE_FAULTS",
+    "SEND_FAULTS",
     "FaultyConnector",
     "ScriptedPeer",
     "run_trainer",
@@ -199,20 +222,129 @@ class ScriptedPeer:
                 return message
 
 
+_HANDSHAKE: tuple[type[Message], ...] = (Hello, Challenge, Proof, Welcome, Reject, Bye)
+"""Messages random faults leave alone: a start that fails is not a fault the agent recovers from."""
+
+SEND_FAULTS = ("drop_before", "drop_after", "duplicate", "truncate")
+"""The faults `FaultyConnector.inject_randomly` may pick for a message the agent sends."""
+RECEIVE_FAULTS = ("drop_on_receive", "duplicate_on_receive")
+"""The faults it may pick for a message the agent receives."""
+
+
+class _FaultyBytes(ByteStream):
+    """The bytes under a framed connection: byte budgets, a slow or stalled reader."""
+
+    def __init__(self, inner: ByteStream, owner: FaultyConnector) -> None:
+        self._inner = inner
+        self._owner = owner
+
+    async def _break(self, direction: str) -> NoReturn:
+        self._owner._byte_rules[direction].pop(0)
+        self._owner.faults[f"drop_after_bytes_{direction}"] += 1
+        await self._inner.abort()
+        raise anyio.BrokenResourceError(f"the test dropped the connection ({direction} budget)")
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        owner = self._owner
+        slowed = await owner._slow_read()
+        limit = len(buffer)
+        if owner.read_chunk_bytes:
+            limit = min(limit, owner.read_chunk_bytes)
+        budget = owner._byte_budget("receive")
+        if budget == 0:
+            await self._break("receive")
+        if budget is not None:
+            limit = min(limit, budget)
+        count = await self._inner.receive_into(buffer[:limit])
+        self.waited_to_receive = slowed or self._inner.waited_to_receive
+        owner._spend("receive", count)
+        return count
+
+    async def send_some(self, buffers: Sequence[memoryview]) -> int:
+        owner = self._owner
+        budget = owner._byte_budget("send")
+        if budget == 0:
+            await self._break("send")
+        if budget is not None:
+            trimmed: list[memoryview] = []
+            for part in buffers:
+                if budget <= 0:
+                    break
+                trimmed.append(part[:budget])
+                budget -= trimmed[-1].nbytes
+            buffers = trimmed
+        count = await self._inner.send_some(buffers)
+        self.waited_to_send = self._inner.waited_to_send
+        owner._spend("send", count)
+        return count
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def abort(self) -> None:
+        await self._inner.abort()
+
+
 class _FaultyStream(ObjectStream[Message]):
     def __init__(self, inner: MessageStream, owner: FaultyConnector) -> None:
         self._inner = inner
         self._owner = owner
         self._handled: Callable[[], object] | None = None
+        self._again: Message | None = None
+        self._bytes: _FaultyBytes | None = None
+        if isinstance(inner, FramedMessageStream):
+            self._bytes = inner._stream = _FaultyBytes(inner._stream, owner)
+
+    async def _lose(self, fault: str, message: Message) -> NoReturn:
+        self._owner.faults[fault] += 1
+        await self._inner.aclose()
+        raise anyio.BrokenResourceError(
+            f"the test dropped the connection at a {type(message).__name__} ({fault})"
+        )
 
     async def send(self, item: Message) -> None:
-        self._owner.sent[type(item).__name__] += 1
-        decision = self._owner._decide(item)
+        owner = self._owner
+        owner.sent[type(item).__name__] += 1
+        if owner.send_delay:
+            await anyio.sleep(owner.send_delay)
+        decision = owner._decide(item, "send")
+        if decision is not None and decision != "drop_after":
+            owner.faults[decision] += 1
         if decision == "drop_before":
             await self._inner.aclose()
+        elif decision == "truncate":
+            await self._truncate(item)
         await self._inner.send(item)
-        if decision == "drop_after":
-            await self._inner.aclose()
+        if decision == "duplicate":
+            await self._inner.send(item)
+        elif decision == "drop_after":
+            await self._lose("drop_after", item)
+
+    async def _truncate(self, item: Message) -> None:
+        """Send the first half of the message's frame, then break the connection."""
+        if self._bytes is not None:
+            parts = encode_frame(item)
+            remaining = sum(part.nbytes for part in parts) // 2
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                while remaining > 0:
+                    chunk: list[memoryview] = []
+                    budget = remaining
+                    for part in parts:
+                        if budget <= 0:
+                            break
+                        chunk.append(part[:budget])
+                        budget -= chunk[-1].nbytes
+                    count = await self._bytes._inner.send_some(chunk)
+                    remaining -= count
+                    while parts and count >= parts[0].nbytes:
+                        count -= parts.pop(0).nbytes
+                    if count:
+                        parts[0] = parts[0][count:]
+            await self._bytes.abort()
+        await self._inner.aclose()
 
     async def receive(self) -> Message:
         # The reader asks for the next message right after handling the last one, before any
@@ -220,9 +352,22 @@ class _FaultyStream(ObjectStream[Message]):
         handled, self._handled = self._handled, None
         if handled is not None:
             handled()
-        message = await self._inner.receive()
-        self._owner.received[type(message).__name__] += 1
-        self._handled = self._owner._callback_for(message)
+        owner = self._owner
+        again, self._again = self._again, None
+        if again is not None:
+            message = again
+        else:
+            if self._bytes is None:  # a framed stream is slowed byte by byte instead
+                await owner._slow_read()
+            message = await self._inner.receive()
+            decision = owner._decide(message, "receive")
+            if decision == "drop_on_receive":
+                await self._lose(decision, message)
+            if decision == "duplicate_on_receive":
+                owner.faults[decision] += 1
+                self._again = message
+        owner.received[type(message).__name__] += 1
+        self._handled = owner._callback_for(message)
         return message
 
     async def send_eof(self) -> None:
@@ -233,30 +378,56 @@ class _FaultyStream(ObjectStream[Message]):
 
 
 class FaultyConnector(Connector):
-    """Wraps an agent's connector to break its connections at moments the test picks.
+    """Wraps an agent's connector (or a URL) to break its connections in chosen ways.
 
-    ``drop_before(predicate)`` closes the connection instead of sending the next message for
-    which ``predicate(message)`` is true; ``drop_after`` sends it first; ``after_receive`` runs a
-    callback right after a message was handled. Each rule fires once. `drop` closes the current
-    connection at once; setting ``refuse_connections`` makes ``connect`` fail, and a
-    ``connect_gate`` event holds new connections until it is set.
+    Every fault is seen by both ends: a dropped connection is closed under the agent and the site.
+    Rules fire once, for the first message they match:
+
+    * ``drop_before(predicate)`` closes the connection instead of sending the message;
+      ``drop_after`` sends it first; ``drop_on_receive`` loses a message on its way in;
+    * ``duplicate`` sends a message twice; ``duplicate_on_receive`` hands a received one over twice;
+    * ``truncate`` sends the first half of a message's frame, then breaks the connection (on
+      ``memory://``, which has no frames, the message is just lost);
+    * ``drop_after_bytes(n, "send" | "receive")`` breaks the connection once ``n`` more bytes went
+      that way: in the middle of a large task or result (byte transports only: tcp, unix, tls);
+    * ``after_receive(predicate, callback)`` calls back right after a message was handled.
+
+    Standing settings: ``send_delay`` (seconds before each message is sent), ``read_delay``,
+    ``read_chunk_bytes`` and ``read_gate`` make a slow or stalled reader (a slow consumer: the
+    site's sends to it wait); ``refuse_connections`` makes ``connect`` fail; ``connect_gate``
+    holds new connections until it is set. `inject_randomly` picks faults at random from a seed.
+    `faults` counts what was injected; `drop` closes the current connection at once.
     """
 
-    def __init__(self, inner: Connector) -> None:
-        self._inner = inner
-        self.url = inner.url
-        self._rules: list[tuple[str, Callable[[Message], bool]]] = []
+    def __init__(self, inner: Connector | str, **options: Any) -> None:
+        self._inner = connector_for(inner, **options)
+        self.url = self._inner.url
+        self._rules: list[tuple[str, str, Callable[[Message], bool]]] = []
+        self._byte_rules: dict[str, list[int]] = {"send": [], "receive": []}
         self._callbacks: list[tuple[Callable[[Message], bool], Callable[[], object]]] = []
         self._current: _FaultyStream | None = None
+        self._random: random.Random | None = None
+        self._probability = 0.0
+        self._random_kinds: tuple[str, ...] = ()
         self.connections = 0
         """How many connections were made."""
         self.refuse_connections = False
         self.connect_gate: anyio.Event | None = None
         """When set, a connection is made but handed over only once this event is set."""
+        self.send_delay = 0.0
+        """Seconds to wait before sending each message."""
+        self.read_delay = 0.0
+        """Seconds to wait before each read (of bytes on byte transports, else of a message)."""
+        self.read_chunk_bytes = 0
+        """At most this many bytes per read on byte transports (0: no cap)."""
+        self.read_gate: anyio.Event | None = None
+        """When set to an event, reads wait for it: the agent stops reading until it is set."""
         self.sent: Counter[str] = Counter()
         """Messages sent by the agent, by kind (``"Result"``, ``"Heartbeat"``, ...)."""
         self.received: Counter[str] = Counter()
         """Messages received by the agent, by kind."""
+        self.faults: Counter[str] = Counter()
+        """Faults injected, by kind (``"drop_before"``, ``"drop_after_bytes_receive"``, ...)."""
 
     def after_receive(
         self, predicate: Callable[[Message], bool], callback: Callable[[], object]
@@ -275,22 +446,105 @@ class FaultyConnector(Connector):
         return None
 
     def drop_before(self, predicate: Callable[[Message], bool]) -> None:
-        self._rules.append(("drop_before", predicate))
+        """Close the connection instead of sending the next message matching ``predicate``."""
+        self._rules.append(("send", "drop_before", predicate))
 
     def drop_after(self, predicate: Callable[[Message], bool]) -> None:
-        self._rules.append(("drop_after", predicate))
+        """Close the connection right after sending the next message matching ``predicate``."""
+        self._rules.append(("send", "drop_after", predicate))
+
+    def duplicate(self, predicate: Callable[[Message], bool]) -> None:
+        """Send the next message matching ``predicate`` twice."""
+        self._rules.append(("send", "duplicate", predicate))
+
+    def truncate(self, predicate: Callable[[Message], bool]) -> None:
+        """Send half of the next matching message's frame, then break the connection."""
+        self._rules.append(("send", "truncate", predicate))
+
+    def drop_on_receive(self, predicate: Callable[[Message], bool]) -> None:
+        """Lose the next received message matching ``predicate`` and break the connection."""
+        self._rules.append(("receive", "drop_on_receive", predicate))
+
+    def duplicate_on_receive(self, predicate: Callable[[Message], bool]) -> None:
+        """Hand the next received message matching ``predicate`` to the agent twice."""
+        self._rules.append(("receive", "duplicate_on_receive", predicate))
+
+    def drop_after_bytes(self, count: int, direction: str = "receive") -> None:
+        """Break the connection once ``count`` more bytes were sent or received.
+
+        Rules for one direction run one after another. Byte transports only (tcp, unix, tls).
+
+        :raises ValueError: ``direction`` is neither ``"send"`` nor ``"receive"``, or
+            ``count`` is negative.
+        """
+        if direction not in self._byte_rules:
+            raise ValueError(f"direction must be 'send' or 'receive', got {direction!r}")
+        if count < 0:
+            raise ValueError(f"count must be at least 0, got {count}")
+        self._byte_rules[direction].append(count)
+
+    def inject_randomly(
+        self,
+        probability: float,
+        *,
+        seed: int | None = None,
+        kinds: Iterable[str] = SEND_FAULTS + RECEIVE_FAULTS,
+    ) -> None:
+        """Inject a fault into each message with ``probability``, picked from ``kinds``.
+
+        Handshake and goodbye messages are spared. ``seed`` makes the sequence of faults the
+        same on every run (for one order of messages).
+
+        :raises ValueError: ``probability`` is not within [0, 1] or a kind is unknown.
+        """
+        chosen = tuple(kinds)
+        unknown = set(chosen) - set(SEND_FAULTS + RECEIVE_FAULTS)
+        if unknown or not 0 <= probability <= 1:
+            raise ValueError(
+                f"need 0 <= probability <= 1 and kinds among {SEND_FAULTS + RECEIVE_FAULTS}"
+            )
+        self._random = random.Random(seed)
+        self._probability = probability
+        self._random_kinds = chosen
 
     async def drop(self) -> None:
         """Close the current connection now."""
         if self._current is not None:
             await self._current.aclose()
 
-    def _decide(self, message: Message) -> str | None:
-        for index, (decision, predicate) in enumerate(self._rules):
-            if predicate(message):
+    def _decide(self, message: Message, direction: str) -> str | None:
+        for index, (rule_direction, decision, predicate) in enumerate(self._rules):
+            if rule_direction == direction and predicate(message):
                 del self._rules[index]
                 return decision
-        return None
+        chance = self._random
+        if chance is None or isinstance(message, _HANDSHAKE):
+            return None
+        if chance.random() >= self._probability:
+            return None
+        kinds = SEND_FAULTS if direction == "send" else RECEIVE_FAULTS
+        candidates = [kind for kind in self._random_kinds if kind in kinds]
+        return chance.choice(candidates) if candidates else None
+
+    def _byte_budget(self, direction: str) -> int | None:
+        rules = self._byte_rules[direction]
+        return rules[0] if rules else None
+
+    def _spend(self, direction: str, count: int) -> None:
+        rules = self._byte_rules[direction]
+        if rules:
+            rules[0] = max(rules[0] - count, 0)
+
+    async def _slow_read(self) -> bool:
+        """Wait as a slow reader would; whether it waited."""
+        gate = self.read_gate
+        if gate is not None and not gate.is_set():
+            await gate.wait()
+            return True
+        if self.read_delay:
+            await anyio.sleep(self.read_delay)
+            return True
+        return False
 
     async def connect(self) -> MessageStream:
         if self.refuse_connections:

@@ -33,7 +33,8 @@ MAGIC = b"FA"
 FRAME_VERSION = 1
 _PREFIX = struct.Struct("<2sBBII")
 PREFIX_BYTES = _PREFIX.size
-_STAGING_BYTES = 64 * 1024
+_STAGING_BYTES = 64 * 1024  # the most one read takes into staging; larger reads go direct
+_STAGING_START = 8 * 1024  # an idle connection's staging: thousands of agents, small messages
 
 # The payload fields of each message kind: encoded and decoded as payloads.
 _PAYLOAD_FIELDS: dict[type, tuple[str, ...]] = {
@@ -86,10 +87,11 @@ class FrameReader:
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
-        self._staging = bytearray(_STAGING_BYTES)
+        self._staging = bytearray(_STAGING_START)  # doubles while reads fill it, to _STAGING_BYTES
         self._start = 0  # staged bytes not used yet: self._staging[self._start:self._end]
         self._end = 0
         self._direct = False  # whether the last buffer_for_read was a destination buffer
+        self._grow = False  # whether the last read into staging filled it
         self._header_bytes: int | None = None  # set once the prefix is read
         self._buffer_count = 0
         self._message: Message | None = None  # set once the header is read
@@ -123,6 +125,12 @@ class FrameReader:
                 return destination[self._filled :]
         self._direct = False
         staging = self._staging
+        if self._grow:  # a new buffer: views of the old one may still be about
+            self._grow = False
+            used = self._end - self._start
+            grown = self._staging = bytearray(min(2 * len(staging), _STAGING_BYTES))
+            grown[:used] = staging[self._start : self._end]
+            staging, self._start, self._end = grown, 0, used
         if self._start == self._end:
             self._start = self._end = 0
             if len(staging) > _STAGING_BYTES and self._header_bytes is None:
@@ -140,6 +148,8 @@ class FrameReader:
         """``count`` bytes were written into the view `buffer_for_read` returned last."""
         if not self._direct:
             self._end += count
+            # A read that filled all the room it had says more may be waiting: read more next.
+            self._grow = self._end == len(self._staging) < _STAGING_BYTES
             return
         self._filled += count
         self.frame_bytes_read += count

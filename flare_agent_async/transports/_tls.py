@@ -32,7 +32,8 @@ from ._socket import SocketByteStream, TCPConnector, listen_tcp
 __all__ = ["TLSByteStream", "TLSConnector", "listen_tls"]
 
 _CHUNK = 256 * 1024  # plaintext encrypted per send: bounds the ciphertext held in memory
-_READ_AHEAD = 256 * 1024
+_READ_AHEAD = 256 * 1024  # the most ciphertext read at once
+_READ_AHEAD_START = 16 * 1024  # an idle connection's: one record; doubles while reads fill it
 
 
 class TLSByteStream(ByteStream):
@@ -50,7 +51,7 @@ class TLSByteStream(ByteStream):
         self._incoming = incoming
         self._outgoing = outgoing
         self._owed = memoryview(b"")  # ciphertext taken from the BIO, not yet written
-        self._buffer = bytearray(_READ_AHEAD)
+        self._buffer = bytearray(_READ_AHEAD_START)
         self._flush_lock = anyio.Lock()
 
     @classmethod
@@ -108,6 +109,8 @@ class TLSByteStream(ByteStream):
         count = await self._inner.receive_into(memoryview(self._buffer))
         if count:
             self._incoming.write(memoryview(self._buffer)[:count])
+            if count == len(self._buffer) < _READ_AHEAD:  # more is coming: read more at once
+                self._buffer = bytearray(2 * count)
         else:
             self._incoming.write_eof()
 

@@ -127,27 +127,35 @@ PROGRAM_PAGES = [
 @pytest.mark.parametrize("page", PROGRAM_PAGES, ids=page_id)
 def test_the_programs_of_a_page_run_as_written(page: Path, tmp_path: Path) -> None:
     found = blocks(page)
+    test_files = []
     for block in found:
         if block.title and block.title != "output":
             (tmp_path / block.title).write_text(block.code)
+            if block.title.startswith("test_") and block.title.endswith(".py"):
+                test_files.append(block.title)
     for index, block in enumerate(found):
-        if block.title is None or block.title == "output":
+        if block.title is None or block.title == "output" or block.title in test_files:
             continue
         if block.title.endswith(".sh"):
             if shutil.which("openssl") is None and "openssl" in block.code:
                 pytest.skip("openssl is not installed")
             command = ["bash", "-euo", "pipefail", block.title]
-        elif block.title.startswith("test_") and block.title.endswith(".py"):
-            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", block.title]
         elif block.title.endswith(".py"):
             command = [sys.executable, block.title]
         else:
             continue  # a file the programs read
-        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, f"{block.title}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        done = run(command, tmp_path)
         following = found[index + 1] if index + 1 < len(found) else None
         if following is not None and following.title == "output":
             assert done.stdout == following.code, f"{block.title} printed:\n{done.stdout}"
+    if test_files:  # all in one run of pytest: it is slow to start
+        run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *test_files], tmp_path)
+
+
+def run(command: list[str], folder: Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{command}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return done
 
 
 # -- every other snippet --------------------------------------------------------------------------

@@ -1,113 +1,294 @@
-"""Measure the async core: small-task round trips over the memory transport, next to the floor.
+"""The benchmark suite: us, NVFlare's IPCAgent and the physical floor, measured in one run.
 
-The floor is a bare ping-pong over a pair of anyio memory object streams on the same backend: the
-least any in-process request/response can cost. Each figure is the median (and min-max spread)
-of ``--repeats`` runs of ``--tasks`` tasks, in microseconds per task.
+    python -m benchmarks                 # the full run (about 10 minutes on 2 cores)
+    python -m benchmarks --quick         # every scenario, tiny sizes (under a minute)
+    python -m benchmarks --large         # adds 1 GiB models and 10,000 agents
+    python -m benchmarks --report        # also writes docs/benchmarks.md and docs/img/*.png
+    python -m benchmarks --only latency floor --json figures.json
 
-    python -m benchmarks [--tasks 2000] [--repeats 5] [--json out.json]
+Scenarios: latency (small task round trips per transport, event loop and agent kind), throughput
+(a model out and back per size and transport), scale (many agents on one site), floor (raw
+sockets, anyio streams and a bare portal call on the same machine, in the same run), nvflare (the
+same latency and throughput with NVFlare's IPCAgent; skipped when nvflare is not installed).
+Each figure is the median of repeated runs, with its spread, and every process reports its peak
+RSS and CPU seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import platform
-import statistics
+import sys
 import time
-from collections.abc import Awaitable, Callable
-from datetime import date
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
-import anyio
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flare_agent_async import AsyncFlareAgent, FlareSite, TaskResult
+from benchmarks import latency, nvflare_ipc, scale, throughput
+from benchmarks._harness import ROOT, available_backends
 
-Scenario = Callable[[int], Awaitable[float]]
-
-
-async def floor_ping_pong(count: int) -> float:
-    """Seconds for ``count`` round trips over two anyio memory object streams."""
-    to_server, server_inbox = anyio.create_memory_object_stream[int](1)
-    to_client, client_inbox = anyio.create_memory_object_stream[int](1)
-
-    async def server() -> None:
-        async for item in server_inbox:
-            await to_client.send(item)
-
-    async with anyio.create_task_group() as group, to_server, to_client:
-        group.start_soon(server)
-        started = time.perf_counter()
-        for n in range(count):
-            await to_server.send(n)
-            await client_inbox.receive()
-        elapsed = time.perf_counter() - started
-        await to_server.aclose()
-    return elapsed
+SCENARIOS = ("latency", "throughput", "scale", "floor", "nvflare")
 
 
-async def task_round_trip(count: int) -> float:
-    """Seconds for ``count`` small tasks, site ``run_task`` to result, over ``memory://``."""
-    async with anyio.create_task_group() as group, FlareSite("bench") as site:
-        url = await site.listen("memory://")
+@dataclass
+class Plan:
+    """What one run measures: sizes, counts and which combinations."""
 
-        async def trainer() -> None:
-            async with AsyncFlareAgent(url, agent_id="a1", site_name="bench") as agent:
-                async for task in agent.tasks():
-                    await agent.submit_result(TaskResult({}, task.data))
+    tasks: int = 3000
+    repeats: int = 3
+    transports: tuple[str, ...] = latency.TRANSPORTS
+    sync_transports: tuple[str, ...] = ("memory", "tcp", "unix", "tls")
+    backends: tuple[str, ...] = field(default_factory=lambda: tuple(available_backends()))
+    sizes_mib: tuple[float, ...] = (1, 64, 512)
+    throughput_transports: tuple[str, ...] = throughput.TRANSPORTS
+    throughput_repeats: int = 3
+    agents: tuple[int, ...] = (100, 1000)
+    scale_backends: tuple[str, ...] = ("asyncio", "trio")
+    idle_s: float = 10.0
+    rounds: int = 3
+    nvflare_tasks: int = 20
+    nvflare_sizes_mib: tuple[float, ...] = (1, 64, 512)
 
-        group.start_soon(trainer)
-        await site.wait_for_agent("a1", timeout=10)
-        started = time.perf_counter()
-        for n in range(count):
-            await site.run_task("a1", "ping", n)
-        return time.perf_counter() - started
-
-
-SCENARIOS: dict[str, Scenario] = {
-    "floor: memory stream ping-pong": floor_ping_pong,
-    "small task round trip (memory://)": task_round_trip,
-}
-
-
-def measure(scenario: Scenario, backend: str, tasks: int, repeats: int) -> list[float]:
-    """Microseconds per task, one figure per repeat."""
-    anyio.run(scenario, max(tasks // 10, 1), backend=backend)  # warm up
-    return [anyio.run(scenario, tasks, backend=backend) / tasks * 1e6 for _ in range(repeats)]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    rows = []
-    for backend in ("asyncio", "trio"):
-        for name, scenario in SCENARIOS.items():
-            per_task = measure(scenario, backend, args.tasks, args.repeats)
-            rows.append(
-                {
-                    "scenario": name,
-                    "backend": backend,
-                    "median_us": statistics.median(per_task),
-                    "min_us": min(per_task),
-                    "max_us": max(per_task),
-                }
-            )
-    print(
-        f"{platform.node()} · Python {platform.python_version()} · anyio {anyio.__version__}"
-        if hasattr(anyio, "__version__")
-        else f"Python {platform.python_version()}"
-    )
-    print(f"{date.today()} · {args.tasks} tasks x {args.repeats} repeats, µs per task")
-    print(f"{'scenario':40} {'backend':8} {'median':>8} {'min':>8} {'max':>8}")
-    for row in rows:
-        print(
-            f"{row['scenario']:40} {row['backend']:8} {row['median_us']:8.1f}"
-            f" {row['min_us']:8.1f} {row['max_us']:8.1f}"
+    @classmethod
+    def quick(cls) -> Plan:
+        """Every scenario at tiny sizes: a smoke test of the suite, not figures to quote."""
+        return cls(
+            tasks=200,
+            repeats=1,
+            transports=("memory", "tcp"),
+            sync_transports=("tcp",),
+            backends=("asyncio", "trio"),
+            sizes_mib=(1, 8),
+            throughput_transports=("tcp",),
+            throughput_repeats=1,
+            agents=(50,),
+            scale_backends=("asyncio",),
+            idle_s=1.0,
+            rounds=1,
+            nvflare_tasks=3,
+            nvflare_sizes_mib=(1,),
         )
+
+    def enlarge(self) -> None:
+        """``--large``: 1 GiB models, 10,000 agents."""
+        self.sizes_mib = (*self.sizes_mib, 1024)
+        self.nvflare_sizes_mib = (*self.nvflare_sizes_mib, 1024)
+        self.agents = (*self.agents, 10_000)
+
+
+Step = tuple[str, str, Callable[[], Any]]
+
+
+def steps(plan: Plan, only: set[str]) -> Iterator[Step]:
+    """Every measurement of the run, as (scenario, description, thunk)."""
+    if "floor" in only:
+        yield (
+            "floor",
+            "tcp ping-pong, raw sockets",
+            lambda: latency.ping_pong("blocking", plan.tasks, plan.repeats),
+        )
+        for backend in plan.backends:
+            yield (
+                "floor",
+                f"tcp ping-pong, anyio on {backend}",
+                lambda b=backend: latency.ping_pong(b, plan.tasks, plan.repeats),
+            )
+            yield (
+                "floor",
+                f"portal.call on {backend}",
+                lambda b=backend: latency.portal_call(b, plan.tasks, plan.repeats),
+            )
+        for transport in ("tcp", "unix"):
+            if transport in plan.throughput_transports:
+                for mib in plan.sizes_mib:
+                    yield (
+                        "floor",
+                        f"{mib:g} MiB out and back over raw {transport} sockets",
+                        lambda t=transport, m=mib: throughput.floor(t, m, plan.throughput_repeats),
+                    )
+    if "latency" in only:
+        for backend in plan.backends:
+            for transport in plan.transports:
+                agents = ("async", "sync") if transport in plan.sync_transports else ("async",)
+                for agent in agents:
+                    yield (
+                        "latency",
+                        f"small tasks, {transport}, {backend}, {agent} agent",
+                        lambda t=transport, b=backend, a=agent: latency.ours(
+                            t, b, a, plan.tasks, plan.repeats
+                        ),
+                    )
+    if "throughput" in only:
+        for transport in plan.throughput_transports:
+            for backend in plan.backends:
+                for mib in plan.sizes_mib:
+                    yield (
+                        "throughput",
+                        f"{mib:g} MiB out and back, {transport}, {backend}",
+                        lambda t=transport, b=backend, m=mib: throughput.ours(
+                            t, b, m, plan.throughput_repeats
+                        ),
+                    )
+    if "scale" in only:
+        for backend in plan.scale_backends:
+            for agents in plan.agents:
+                yield (
+                    "scale",
+                    f"{agents:,} agents, {backend}",
+                    lambda n=agents, b=backend: scale.measure(n, b, plan.idle_s, plan.rounds),
+                )
+    if "nvflare" in only and nvflare_ipc.unavailable() is None:
+        yield (
+            "nvflare",
+            "NVFlare IPCAgent, small tasks",
+            lambda: {"kind": "latency", **nvflare_ipc.latency(plan.nvflare_tasks, plan.repeats)},
+        )
+        for mib in plan.nvflare_sizes_mib:
+            yield (
+                "nvflare",
+                f"NVFlare IPCAgent, {mib:g} MiB out and back",
+                lambda m=mib: {
+                    "kind": "throughput",
+                    "mib": m,
+                    **nvflare_ipc.throughput(m, plan.throughput_repeats),
+                },
+            )
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """The machine and the versions a figure was measured with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    names = ("flare-agent-async", "anyio", "trio", "uvloop", "msgspec", "numpy", "nvflare")
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "system": platform.platform(),
+        },
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in names},
+    }
+
+
+def run(plan: Plan, only: set[str], console: Console) -> dict[str, Any]:
+    """Measure every step of the plan, showing progress; the figures, by scenario."""
+    figures: dict[str, Any] = {"environment": environment(), "plan": plan.__dict__.copy()}
+    for scenario in SCENARIOS:
+        figures[scenario] = [] if scenario in only else None
+    if "nvflare" in only and (reason := nvflare_ipc.unavailable()) is not None:
+        console.print(f"[yellow]nvflare scenario skipped:[/] {reason}")
+        figures["nvflare"] = {"skipped": reason}
+    todo = list(steps(plan, only))
+    started = time.perf_counter()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task("benchmarks", total=len(todo))
+        for scenario, description, measure in todo:
+            progress.update(bar, description=description)
+            row = measure()
+            figures[scenario].append(row)
+            console.print(f"[dim]{scenario:10}[/] {description}: {summarise(scenario, row)}")
+            progress.advance(bar)
+    figures["seconds"] = time.perf_counter() - started
+    return figures
+
+
+def summarise(scenario: str, row: dict[str, Any]) -> str:
+    """One row's headline figure, for the progress log."""
+    if scenario == "latency":
+        return f"{row['task_us']['median']:.1f} µs per task"
+    if scenario == "floor":
+        if "us" in row:
+            return f"{row['us']['median']:.1f} µs"
+        return f"{row['gbytes_per_s']:.2f} GB/s"
+    if scenario == "throughput":
+        return (
+            f"{row['gbytes_per_s']:.2f} GB/s, RSS site {row['site_rss_x']:.2f}x, "
+            f"agent {row['agent_rss_x']:.2f}x"
+        )
+    if scenario == "scale":
+        return (
+            f"connect {row['connect_s']:.2f} s, {row['site_kib_per_agent']:.1f} KiB/agent, "
+            f"idle {row['idle_cpu_percent']:.2f}% CPU, "
+            f"all tasks in {row['dispatch_s']['median']:.3f} s"
+        )
+    if row.get("kind") == "latency":
+        return f"{row['task_us']['median'] / 1000:.1f} ms per task"
+    return f"{row['gbytes_per_s']:.2f} GB/s, agent RSS {row['agent_rss_x']:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="every scenario at tiny sizes")
+    parser.add_argument("--large", action="store_true", help="add 1 GiB models, 10,000 agents")
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--repeats", type=int, help="runs per figure (default 3; quick: 1)")
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="write docs/benchmarks.md and docs/img/*.png from this run",
+    )
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="measure nothing: report the figures of an earlier run's --json file",
+    )
+    parser.add_argument("--docs", default=os.path.join(ROOT, "docs"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    if args.from_json:
+        with open(args.from_json) as saved:
+            figures = json.load(saved)
+    else:
+        plan = Plan.quick() if args.quick else Plan()
+        if args.large:
+            plan.enlarge()
+        if args.repeats:
+            plan.repeats = plan.throughput_repeats = args.repeats
+        figures = run(plan, set(args.only), console)
+        command = sys.argv[1:] if argv is None else argv
+        figures["command"] = " ".join(["python -m benchmarks", *command])
+    from benchmarks import report
+
+    report.check_targets(figures)
+    print(report.markdown_tables(figures))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(rows, out, indent=2)
+            json.dump(figures, out, indent=2)
+    if args.report:
+        written = report.write(figures, args.docs)
+        console.print(f"wrote {', '.join(written)}")
 
 
 if __name__ == "__main__":

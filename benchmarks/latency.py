@@ -131,7 +131,7 @@ async def _in_memory(tasks: int, repeats: int) -> None:
 
 def ours(transport: str, backend: str, agent: str, tasks: int, repeats: int) -> dict[str, Any]:
     """Small-task round trips with our site and agent; one row of figures."""
-    row: dict[str, Any] = {"transport": transport, "backend": backend, "agent": agent}
+    row: dict[str, Any] = {"transport": transport, "backend": backend, "agent_kind": agent}
     common = ("--backend", backend, "--tasks", str(tasks), "--repeats", str(repeats))
     if transport == "memory":
         with Child("latency", "memory", *common) as both:

@@ -1,0 +1,510 @@
+"""The report of a benchmark run: targets checked, Markdown tables, plots, the docs page."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+PAGE = "benchmarks.md"
+IMAGES = "img"
+
+
+# -- targets --------------------------------------------------------------------------------------
+
+
+def _target(figures: dict[str, Any], name: str, measured: str, met: bool) -> None:
+    figures.setdefault("targets", []).append({"target": name, "measured": measured, "met": met})
+
+
+def _floor_us(figures: dict[str, Any], kind: str, backend: str) -> float | None:
+    for row in figures.get("floor") or []:
+        if row.get("floor") == kind and row["backend"] == backend:
+            return float(row["us"]["median"])
+    return None
+
+
+def _latency(figures: dict[str, Any], transport: str, backend: str, agent: str) -> float | None:
+    for row in figures.get("latency") or []:
+        if (row["transport"], row["backend"], row["agent_kind"]) == (transport, backend, agent):
+            return float(row["task_us"]["median"])
+    return None
+
+
+def _nvflare_rows(figures: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    rows = figures.get("nvflare")
+    return [row for row in rows if row["kind"] == kind] if isinstance(rows, list) else []
+
+
+def nvflare_task_us(figures: dict[str, Any]) -> float | None:
+    """NVFlare's small-task round trip in this run, if measured."""
+    rows = _nvflare_rows(figures, "latency")
+    return float(rows[0]["task_us"]["median"]) if rows else None
+
+
+def _throughput_floor(figures: dict[str, Any], transport: str, mib: float) -> float | None:
+    for row in figures.get("floor") or []:
+        if row.get("scenario") == "floor" and (row["transport"], row["mib"]) == (transport, mib):
+            return float(row["gbytes_per_s"])
+    return None
+
+
+def check_targets(figures: dict[str, Any]) -> None:
+    """Compare the run with the project's targets; the verdicts go to ``figures["targets"]``."""
+    figures["targets"] = []
+    nvflare_us = nvflare_task_us(figures)
+    for backend in figures["plan"]["backends"]:
+        ours = _latency(figures, "tcp", backend, "async")
+        floor = _floor_us(figures, "tcp ping-pong", backend)
+        if ours is not None and floor is not None:
+            _target(
+                figures,
+                f"small task over tcp within 3x an anyio ping-pong ({backend})",
+                f"{ours:.0f} µs = {ours / floor:.1f}x of {floor:.0f} µs",
+                ours <= 3 * floor,
+            )
+        if ours is not None and nvflare_us is not None:
+            _target(
+                figures,
+                f"small task over tcp at least 1,000x faster than NVFlare's IPCAgent ({backend})",
+                f"{nvflare_us / 1000:.0f} ms / {ours:.0f} µs = {nvflare_us / ours:,.0f}x",
+                nvflare_us / ours >= 1000,
+            )
+        sync = _latency(figures, "tcp", backend, "sync")
+        portal = _floor_us(figures, "portal.call", backend)
+        if ours is not None and sync is not None and portal is not None:
+            added = sync - ours
+            _target(
+                figures,
+                f"sync facade adds at most 2 portal.calls per task ({backend})",
+                f"{added:.0f} µs = {added / portal:.1f} x {portal:.0f} µs",
+                added <= 2 * portal,
+            )
+    largest = max(figures["plan"]["sizes_mib"])
+    for row in figures.get("throughput") or []:
+        if row["mib"] != largest:
+            continue
+        where = f"{row['transport']}, {row['backend']}"
+        floor_rate = _throughput_floor(figures, row["transport"], largest)
+        if floor_rate is not None:
+            _target(
+                figures,
+                f"{largest:g} MiB out and back at least half the raw-socket floor ({where})",
+                f"{row['gbytes_per_s']:.2f} GB/s = {row['gbytes_per_s'] / floor_rate:.0%} "
+                f"of {floor_rate:.2f}",
+                row["gbytes_per_s"] >= floor_rate / 2,
+            )
+        worst = max(row["site_rss_x"], row["agent_rss_x"])
+        _target(
+            figures,
+            f"{largest:g} MiB: peak RSS at most 1.3x the payload per process ({where})",
+            f"site {row['site_rss_x']:.2f}x, agent {row['agent_rss_x']:.2f}x",
+            worst <= 1.3,
+        )
+    for row in figures.get("scale") or []:
+        where = f"{row['agents']:,} agents, {row['backend']}"
+        dispatch = row["dispatch_s"]["median"]
+        if row["agents"] == 1000:
+            _target(
+                figures,
+                f"idle site under 5% of a core with heartbeats on ({where})",
+                f"{row['idle_cpu_percent']:.2f}%",
+                row["idle_cpu_percent"] < 5,
+            )
+            _target(
+                figures,
+                f"one task to every agent and every result back under 0.5 s ({where})",
+                f"{dispatch:.3f} s",
+                dispatch < 0.5,
+            )
+        if row["agents"] == 10_000:
+            _target(
+                figures,
+                f"one task to every agent and every result back under 2 s ({where})",
+                f"{dispatch:.3f} s",
+                dispatch < 2,
+            )
+            _target(
+                figures,
+                f"under 50 KiB of site RSS per connected agent ({where})",
+                f"{row['site_kib_per_agent']:.1f} KiB",
+                row["site_kib_per_agent"] < 50,
+            )
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _us(spread: dict[str, Any]) -> str:
+    return f"{spread['median']:,.1f} ({spread['min']:,.1f}-{spread['max']:,.1f})"
+
+
+def targets_table(figures: dict[str, Any]) -> str:
+    return table(
+        ("target", "measured", "met"),
+        ((t["target"], t["measured"], "yes" if t["met"] else "**no**") for t in figures["targets"]),
+    )
+
+
+def latency_table(figures: dict[str, Any]) -> str:
+    nvflare_us = nvflare_task_us(figures)
+    rows = []
+    for row in figures.get("latency") or []:
+        floor = _floor_us(figures, "tcp ping-pong", row["backend"])
+        median = row["task_us"]["median"]
+        rows.append(
+            (
+                row["transport"],
+                row["backend"],
+                row["agent_kind"],
+                _us(row["task_us"]),
+                f"{row['tasks_per_s']:,.0f}",
+                f"{row['site_cpu_ms_per_task'] * 1e3:.0f} / "
+                f"{row['agent_cpu_ms_per_task'] * 1e3:.0f}",
+                f"{median / floor:.1f}x" if floor else "",
+                f"{nvflare_us / median:,.0f}x" if nvflare_us else "",
+            )
+        )
+    header = (
+        "transport",
+        "event loop",
+        "agent",
+        "µs per task, median (min-max)",
+        "tasks/s",
+        "CPU µs per task, site / agent",
+        "/ anyio ping-pong",
+        "faster than NVFlare",
+    )
+    return table(header, rows)
+
+
+def floor_table(figures: dict[str, Any]) -> str:
+    rows = []
+    for row in figures.get("floor") or []:
+        if "us" in row:
+            rows.append((row["floor"], row["backend"], f"{_us(row['us'])} µs"))
+        else:
+            rows.append(
+                (
+                    f"{row['mib']:g} MiB out and back, raw {row['transport']} sockets",
+                    "blocking",
+                    f"{row['gbytes_per_s']:.2f} GB/s",
+                )
+            )
+    return table(("floor", "event loop", "median (min-max)"), rows)
+
+
+def throughput_table(figures: dict[str, Any]) -> str:
+    rows = []
+    for row in figures.get("throughput") or []:
+        floor_rate = _throughput_floor(figures, row["transport"], row["mib"])
+        rows.append(
+            (
+                f"{row['mib']:g} MiB",
+                row["transport"],
+                row["backend"],
+                f"{row['gbytes_per_s']:.2f}",
+                f"{row['gbytes_per_s'] / floor_rate:.0%}" if floor_rate else "",
+                f"{row['site_rss_x']:.2f}x / {row['agent_rss_x']:.2f}x",
+                f"{row['site']['peak_rss_mib']:,.0f} / {row['agent']['peak_rss_mib']:,.0f}",
+                f"{row['site']['cpu_s']:.1f} / {row['agent']['cpu_s']:.1f}",
+            )
+        )
+    header = (
+        "model",
+        "transport",
+        "event loop",
+        "GB/s",
+        "of the floor",
+        "RSS growth / model, site / agent",
+        "peak RSS MiB, site / agent",
+        "CPU s, site / agent",
+    )
+    return table(header, rows)
+
+
+def scale_table(figures: dict[str, Any]) -> str:
+    rows = [
+        (
+            f"{row['agents']:,}",
+            row["backend"],
+            f"{row['connect_s']:.2f}",
+            f"{row['site_kib_per_agent']:.1f} / {row['agent_kib_per_agent']:.1f}",
+            f"{row['idle_cpu_percent']:.2f}%",
+            f"{row['dispatch_s']['median']:.3f} ({row['dispatch_s']['min']:.3f}-"
+            f"{row['dispatch_s']['max']:.3f})",
+        )
+        for row in figures.get("scale") or []
+    ]
+    header = (
+        "agents",
+        "event loop",
+        "connect s",
+        "KiB per agent, site / agent process",
+        f"idle site CPU ({(figures.get('scale') or [{}])[0].get('idle_s', 0):g} s)",
+        "one task to all, s",
+    )
+    return table(header, rows)
+
+
+def nvflare_table(figures: dict[str, Any]) -> str:
+    if isinstance(figures.get("nvflare"), dict):
+        return f"Not measured: {figures['nvflare']['skipped']}"
+    rows = []
+    for row in _nvflare_rows(figures, "latency"):
+        rows.append(
+            (
+                "small task round trip",
+                f"{row['task_us']['median'] / 1000:.1f} ms "
+                f"({row['task_us']['min'] / 1000:.1f}-{row['task_us']['max'] / 1000:.1f})",
+                f"{row['tasks_per_s']:.1f} tasks/s",
+                f"CPU {row['cpu_ms_per_task']['site']:.1f} / "
+                f"{row['cpu_ms_per_task']['agent']:.1f} ms per task",
+            )
+        )
+    for row in _nvflare_rows(figures, "throughput"):
+        rows.append(
+            (
+                f"{row['mib']:g} MiB out and back",
+                f"{row['seconds']['median']:.2f} s",
+                f"{row['gbytes_per_s']:.2f} GB/s",
+                f"RSS growth {row['site_rss_x']:.2f}x / {row['agent_rss_x']:.2f}x, "
+                f"peak {row['site']['peak_rss_mib']:,.0f} / "
+                f"{row['agent']['peak_rss_mib']:,.0f} MiB",
+            )
+        )
+    return table(("NVFlare 2.9 IPCAgent", "median (min-max)", "rate", "site / agent"), rows)
+
+
+def markdown_tables(figures: dict[str, Any]) -> str:
+    """Every table of the run, headed."""
+    parts = [("Targets", targets_table(figures))]
+    for name, make in (
+        ("latency", latency_table),
+        ("floor", floor_table),
+        ("throughput", throughput_table),
+        ("scale", scale_table),
+        ("nvflare", nvflare_table),
+    ):
+        if figures.get(name):
+            parts.append((name.capitalize(), make(figures)))
+    return "\n\n".join(f"### {title}\n\n{body}" for title, body in parts)
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+
+def _stamp(figures: dict[str, Any]) -> str:
+    env = figures["environment"]
+    versions = env["versions"]
+    return (
+        f"{env['date']} · {env['machine']['cores']} cores, {env['machine']['cpu']} · "
+        f"Python {env['python']}, flare-agent-async {versions['flare-agent-async']}, "
+        f"anyio {versions['anyio']}, trio {versions['trio']}, nvflare {versions['nvflare']}"
+    )
+
+
+def plots(figures: dict[str, Any], folder: str) -> list[str]:
+    """PNG plots of the run into ``folder``; their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.text(0.01, 0.005, _stamp(figures), fontsize=6, color="gray")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.savefig(os.path.join(folder, name), dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    rows = [r for r in figures.get("latency") or [] if r["agent_kind"] == "async"]
+    if rows:
+        transports = list(dict.fromkeys(r["transport"] for r in rows))
+        backends = list(dict.fromkeys(r["backend"] for r in rows))
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        width = 0.8 / len(backends)
+        for i, backend in enumerate(backends):
+            values = [_latency(figures, t, backend, "async") or 0 for t in transports]
+            xs = [x + i * width for x in range(len(transports))]
+            ax.bar(xs, values, width, label=backend)
+            floor = _floor_us(figures, "tcp ping-pong", backend)
+            if floor:
+                ax.hlines(floor, -0.4, len(transports), linestyles=":", colors=f"C{i}")
+        ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(transports))])
+        ax.set_xticklabels(transports)
+        ax.set_ylabel("µs per small task (dotted: anyio tcp ping-pong)")
+        ax.set_title("Small task round trip, site to result")
+        ax.legend()
+        save(fig, "latency.png")
+
+    rows = figures.get("throughput") or []
+    floors = [r for r in figures.get("floor") or [] if "mib" in r]
+    nvflare = _nvflare_rows(figures, "throughput")
+    if rows:
+        for metric, name, label in (
+            ("gbytes_per_s", "throughput.png", "GB/s, model out and back"),
+            ("agent_rss_x", "memory.png", "agent peak RSS growth / model size"),
+        ):
+            fig, ax = plt.subplots(figsize=(7, 3.6))
+            series: dict[str, list[tuple[float, float]]] = {}
+            for row in rows:
+                series.setdefault(f"{row['transport']}, {row['backend']}", []).append(
+                    (row["mib"], row[metric])
+                )
+            for row in floors if metric == "gbytes_per_s" else []:
+                series.setdefault(f"raw {row['transport']} sockets", []).append(
+                    (row["mib"], row[metric])
+                )
+            for row in nvflare:
+                series.setdefault("NVFlare IPCAgent", []).append((row["mib"], row[metric]))
+            for key, points in series.items():
+                points.sort()
+                style = "--" if key.startswith("raw") else ":" if key.startswith("NV") else "-"
+                ax.plot(
+                    [p[0] for p in points], [p[1] for p in points], style, marker="o", label=key
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("model size, MiB")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7, ncol=2)
+            save(fig, name)
+
+    rows = figures.get("scale") or []
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            points = sorted(
+                (r["agents"], r["dispatch_s"]["median"]) for r in rows if r["backend"] == backend
+            )
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+        ax.set_xscale("log")
+        ax.set_xlabel("connected agents")
+        ax.set_ylabel("s to send one task to every agent\nand collect every result")
+        ax.legend()
+        save(fig, "scale.png")
+    return written
+
+
+# -- the docs page --------------------------------------------------------------------------------
+
+_INTRO = """\
+# Benchmarks
+
+What the library costs, next to what the machine can do and next to NVFlare's own agent, all
+measured in one run of one command:
+
+```sh
+python -m pip install -e '.[bench,nvflare]'
+{command}
+```
+
+Timings on shared machines drift from run to run: compare the ratios within a table, which come
+from the same run. `python -m benchmarks --quick` runs every scenario at tiny sizes in under a
+minute; `--large` adds 1 GiB models and 10,000 agents; `--json` keeps the figures.
+
+This page was written by `--report` from the run of {date} on {cores} cores ({cpu}, {memory} GiB),
+Python {python}; versions: {versions}. The run took {minutes:.0f} minutes.
+"""
+
+_SECTIONS = """\
+## Targets
+
+{targets}
+
+## Small tasks
+
+A site runs small tasks one after another on one agent (`run_task` until the result is back);
+site and agent each in a process of their own over tcp, unix and tls, in one process over
+`memory://`. The sync agent is a `SyncFlareAgent` driven by a plain blocking loop. "/ anyio
+ping-pong" compares with a 100-byte ping-pong between two processes over an anyio TCP stream on
+the same event loop; "faster than NVFlare" divides NVFlare's small-task round trip, measured in
+the same run, by ours.
+
+{latency}
+
+![Small task round trip](img/latency.png)
+
+## Floors
+
+The same machine without us: a 100-byte TCP ping-pong over raw blocking sockets and over anyio
+streams, one bare `BlockingPortal.call` (the sync facade's yardstick: it makes two crossings per
+task), and models out and back over raw blocking sockets (`sendall`, `recv_into` a new buffer).
+
+{floor}
+
+## A model out and back
+
+The site sends a model (8 float32 arrays) to an agent, which returns it as its result; site and
+agent each in a process of their own. Memory is each process's peak RSS growth during the
+transfers over the model size: 1.00x is the received model itself, which has to exist somewhere.
+
+{throughput}
+
+![Throughput](img/throughput.png)
+
+![Memory](img/memory.png)
+
+## Many agents
+
+One site process and two agent processes sharing the agents, over loopback TCP, default
+heartbeats (every 5 s). Connect: until every agent is welcomed. Memory: RSS growth per connected
+agent, in the site and in an agent process. Idle: the site's CPU while every agent idles.
+One task to all: one small task to every agent at once, until every result is back.
+
+{scale}
+
+![Scale](img/scale.png)
+
+## NVFlare's IPCAgent
+
+NVFlare 2.9's real `IPCAgent` in a process of its own, against a site process that sends tasks
+over NVFlare's cell network the way its `IPCExchanger` does (same channel, topics, headers and
+payload); the small task and the models are the same as ours.
+
+{nvflare}
+"""
+
+
+def page(figures: dict[str, Any]) -> str:
+    """The whole benchmarks page of the docs for this run."""
+    env = figures["environment"]
+    versions = ", ".join(f"{name} {v}" for name, v in env["versions"].items() if v)
+    intro = _INTRO.format(
+        command=figures["command"],
+        date=env["date"],
+        cores=env["machine"]["cores"],
+        cpu=env["machine"]["cpu"],
+        memory=env["machine"]["memory_gib"],
+        python=env["python"],
+        versions=versions,
+        minutes=figures["seconds"] / 60,
+    )
+    body = _SECTIONS.format(
+        targets=targets_table(figures),
+        latency=latency_table(figures),
+        floor=floor_table(figures),
+        throughput=throughput_table(figures),
+        scale=scale_table(figures),
+        nvflare=nvflare_table(figures),
+    )
+    return intro + "\n" + body
+
+
+def write(figures: dict[str, Any], docs: str) -> list[str]:
+    """Write the page and its plots under ``docs``; the paths written."""
+    images = plots(figures, os.path.join(docs, IMAGES))
+    path = os.path.join(docs, PAGE)
+    with open(path, "w") as out:
+        out.write(page(figures))
+    return [path, *(os.path.join(docs, IMAGES, name) for name in images)]

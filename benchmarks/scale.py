@@ -1,0 +1,174 @@
+"""Many agents on one site: connecting, idling with heartbeats, and one task to every agent.
+
+One site process and a few agent processes (each hosting its share of the agents, all over
+loopback TCP). Measured: how long the agents take to connect (every agent welcomed), the site's
+and the agents' memory per connected agent, the site's CPU while every agent is idle with
+heartbeats on (default heartbeat interval, 5 s), and the time to dispatch one small task to every
+agent at once and collect every result.
+
+    python -m benchmarks.scale [--agents 100 1000] [--idle 10] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from benchmarks._harness import (
+    Child,
+    cpu_seconds,
+    emit,
+    raise_fd_limit,
+    report_usage,
+    rss_bytes,
+    run_on,
+    spread,
+    usage,
+)
+
+AGENT_PROCESSES = 2
+
+
+async def _site(agents: int, idle: float, rounds: int) -> None:
+    import anyio
+
+    from flare_agent_async import FlareSite
+
+    raise_fd_limit()
+    async with FlareSite("bench") as site:
+        url = await site.listen("tcp://127.0.0.1:0")
+        before = rss_bytes()
+        emit(url=url)
+        started = time.perf_counter()
+        for n in range(agents):
+            await site.wait_for_agent(f"a{n}", timeout=300)
+        connected_s = time.perf_counter() - started
+        per_agent = (rss_bytes() - before) / agents
+        cpu_before = cpu_seconds()
+        await anyio.sleep(idle)  # the measurement: what an idle site costs
+        idle_percent = (cpu_seconds() - cpu_before) / idle * 100
+        dispatch = []
+        for _ in range(rounds):
+            results = 0
+            started = time.perf_counter()
+
+            async def one(agent_id: str) -> None:
+                nonlocal results
+                result = await site.run_task(agent_id, "ping", {"x": 1.0})
+                results += result.data == {"x": 1.0}
+
+            async with anyio.create_task_group() as group:
+                for n in range(agents):
+                    group.start_soon(one, f"a{n}")
+            dispatch.append(time.perf_counter() - started)
+            if results != agents:
+                raise AssertionError(f"{results} results of {agents} came back intact")
+        emit(
+            site_connected_s=connected_s,
+            site_kib_per_agent=per_agent / 1024,
+            idle_cpu_percent=idle_percent,
+            dispatch_s=dispatch,
+        )
+
+
+async def _agents(url: str, first: int, count: int) -> None:
+    import anyio
+
+    from flare_agent_async import AsyncFlareAgent, TaskResult
+
+    raise_fd_limit()
+    before = rss_bytes()
+    connected = 0
+    all_connected = anyio.Event()
+    started = time.perf_counter()
+
+    async def trainer(agent_id: str) -> None:
+        nonlocal connected
+        agent = AsyncFlareAgent(
+            url, agent_id=agent_id, site_name="bench", connect_timeout=300, max_backoff=1.0
+        )
+        async with agent:
+            connected += 1
+            if connected == count:
+                all_connected.set()
+            async for task in agent.tasks():
+                await agent.submit_result(TaskResult({}, task.data))
+
+    async with anyio.create_task_group() as group:
+        for n in range(first, first + count):
+            group.start_soon(trainer, f"a{n}")
+        await all_connected.wait()
+        emit(
+            connect_s=time.perf_counter() - started,
+            agent_kib_per_agent=(rss_bytes() - before) / count / 1024,
+        )
+
+
+def measure(agents: int, backend: str, idle: float, rounds: int) -> dict[str, Any]:
+    """One site and ``agents`` agents spread over a few processes; one row of figures."""
+    common = ("--backend", backend)
+    site_args = ("--agents", str(agents), "--idle", str(idle), "--rounds", str(rounds))
+    timeout = 120 + agents / 50 + idle + rounds * 30
+    with Child("scale", "site", *common, *site_args) as site_process:
+        url = site_process.expect("url")
+        shares = [
+            agents // AGENT_PROCESSES + (n < agents % AGENT_PROCESSES)
+            for n in range(AGENT_PROCESSES)
+        ]
+        firsts = [sum(shares[:n]) for n in range(len(shares))]
+        children = [
+            Child("scale", "agents", *common, "--url", url, "--first", str(f), "--count", str(c))
+            for f, c in zip(firsts, shares, strict=True)
+            if c
+        ]
+        try:
+            site = site_process.finish(timeout)
+            records = [child.finish(timeout) for child in children]
+        finally:
+            for child in children:
+                child.kill()
+    return {
+        "agents": agents,
+        "backend": backend,
+        "connect_s": max(record["connect_s"] for record in records),
+        "site_kib_per_agent": site["site_kib_per_agent"],
+        "agent_kib_per_agent": max(record["agent_kib_per_agent"] for record in records),
+        "idle_cpu_percent": site["idle_cpu_percent"],
+        "idle_s": idle,
+        "dispatch_s": spread(site["dispatch_s"]),
+        "site": usage(site),
+        "agents_processes": [usage(record) for record in records],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__)
+    parser.add_argument("--agents", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", default=["asyncio", "trio"])
+    for hidden in ("--role", "--url", "--first", "--count", "--backend"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "site":
+        run_on(args.backend, _site, args.agents[0], args.idle, args.rounds)
+        report_usage()
+        return
+    if args.role == "agents":
+        run_on(args.backend, _agents, args.url, int(args.first), int(args.count))
+        report_usage()
+        return
+    for backend in args.backends:
+        for agents in args.agents:
+            row = measure(agents, backend, args.idle, args.rounds)
+            print(
+                f"{backend:8} {agents:6} agents: connect {row['connect_s']:.2f} s, "
+                f"site {row['site_kib_per_agent']:.1f} KiB/agent, "
+                f"idle {row['idle_cpu_percent']:.2f}% of a core, "
+                f"dispatch-and-collect {row['dispatch_s']['median']:.3f} s"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -36,3 +36,11 @@ def docs(session: nox.Session) -> None:
     """The documentation site, built into site/; any warning fails the build."""
     session.install("-e", ".[docs]")
     session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite, NVFlare's agent included: ``nox -s bench -- --quick``; ``--report``
+    rewrites docs/benchmarks.md (arguments go to ``python -m benchmarks``)."""
+    session.install("-e", ".[bench,nvflare]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -139,6 +139,13 @@ class Peer:
         assert self.process is not None
         return self.process.pid
 
+    async def kill(self) -> None:
+        """SIGKILL the process and wait until it is gone (its sockets closed with it)."""
+        assert self.process is not None
+        self.process.kill()
+        with anyio.fail_after(10):
+            await self.process.wait()
+
     async def line(self, timeout: float = 20) -> str:
         """The next line the process printed.
 

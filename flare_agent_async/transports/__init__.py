@@ -1,6 +1,7 @@
 """Transports: how an agent reaches its site, chosen by URL scheme or passed as an object.
 
-Built in: ``tcp://host:port``, ``unix:///path``, ``tls://host:port`` and ``memory://name``. Other
+Built in: ``tcp://host:port``, ``unix:///path``, ``tls://host:port``, ``memory://name``, and
+``nvflare-ipc://host:port`` (an NVFlare IPCExchanger's cell; needs the ``nvflare`` extra). Other
 packages add schemes through the entry-point group ``flare_agent_async.transports``: each entry
 point names a `Scheme`. `register_scheme` does the same at run time.
 
@@ -61,11 +62,30 @@ async def _listen_memory(url: str, **_: Any) -> MessageListener:
     return MemoryListener(url)
 
 
+def _connect_nvflare_ipc(url: str, **options: Any) -> Connector:
+    # Imported here: nvflare is an optional extra, needed only by this scheme.
+    try:
+        from ..nvflare._ipc import IPCConnector
+    except ModuleNotFoundError as exc:
+        if exc.name != "nvflare" and not (exc.name or "").startswith("nvflare."):
+            raise
+        raise ValueError(
+            f"{url!r} needs NVFlare: pip install 'flare-agent-async[nvflare]'"
+        ) from exc
+
+    return IPCConnector(url, **options)
+
+
+async def _listen_nvflare_ipc(url: str, **_: Any) -> MessageListener:
+    raise ValueError(f"{url!r}: agents connect to nvflare-ipc:// URLs; an NVFlare job is the site")
+
+
 _schemes: dict[str, Scheme] = {
     "memory": Scheme(MemoryConnector, _listen_memory),
     "tcp": Scheme(TCPConnector, listen_tcp),
     "unix": Scheme(UnixConnector, listen_unix),
     "tls": Scheme(TLSConnector, listen_tls),
+    "nvflare-ipc": Scheme(_connect_nvflare_ipc, _listen_nvflare_ipc),
 }
 _entry_points_loaded = False
 

@@ -1,0 +1,406 @@
+"""`AgentExecutor`: an NVFlare executor that hosts a `FlareSite` and runs each task on an agent.
+
+NVFlare calls executors from its own threads; the site lives in an event loop on a thread of its
+own (an anyio blocking portal). A task crosses into the loop once, and its result comes back
+through a future, so a result is handed to NVFlare the moment it arrives. NVFlare's abort signal is
+a plain flag with no way to be notified, so it is the one thing checked on a timer while a task
+runs (``abort_check_interval``); a triggered signal cancels the task, which aborts it at the agent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import shlex
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import ReturnCode as FlareRC
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+
+from ..agent import as_secret
+from ..defs import TaskResult
+from ..exceptions import SiteError, TaskAborted
+from ..site import FlareSite
+from ..tls import server_context
+from ._convert import BadShareable, result_to_shareable, shareable_to_task
+
+__all__ = ["AgentExecutor"]
+
+T = TypeVar("T")
+
+JOB_META_KEY_AGENT_ID = "agent_id"
+"""The job meta key NVFlare's IPCExchanger reads the agent id from; the executor reads it too."""
+
+ENV_URL = "FLARE_AGENT_URL"
+ENV_SITE_NAME = "FLARE_AGENT_SITE_NAME"
+ENV_AGENT_ID = "FLARE_AGENT_ID"
+ENV_JOB_ID = "FLARE_AGENT_JOB_ID"
+
+
+class _Aborted(Exception):
+    """NVFlare's abort signal fired while a task was running."""
+
+
+class _TrainerExited(Exception):
+    """The launched trainer exited before its agent connected."""
+
+
+class AgentExecutor(Executor):  # type: ignore[misc]
+    """Runs NVFlare tasks on an agent (`AsyncFlareAgent` or `SyncFlareAgent`) through a `FlareSite`.
+
+    At ``START_RUN`` it starts a site named after the NVFlare client, listening at
+    ``listen_url``; the bound URL goes to the log and to ``url_file`` in the job's run directory,
+    so a launcher can find it. Each task's DXO data and meta (with ``current_round`` and
+    ``total_round`` from the task's headers, as NVFlare's IPCExchanger does) go to the agent; its
+    result comes back as a DXO of the data kind in its meta (default ``WEIGHTS``), other return
+    codes as they are. NVFlare's abort signal aborts the task at the agent; ``END_RUN`` says
+    goodbye to the agent.
+
+    With ``launch``, the executor starts the trainer itself, after the site listens, and stops it
+    at the end of the run (it has ``launch_stop_timeout`` seconds to leave after the goodbye; then
+    its process group is terminated, and killed if need be). The command may use ``{url}``,
+    ``{site_name}``, ``{agent_id}``, ``{job_id}`` and ``{app_dir}``; it runs in the app's
+    directory with the same values in the environment (``FLARE_AGENT_URL``,
+    ``FLARE_AGENT_SITE_NAME``, ``FLARE_AGENT_ID``, ``FLARE_AGENT_JOB_ID``).
+
+    Every argument is JSON-friendly, for a job's config.
+
+    :param agent_id: the agent to run tasks on; None: the job meta's ``agent_id`` (as for
+        NVFlare's IPCExchanger), else ``"trainer"``.
+    :param listen_url: where agents connect (``tcp://``, ``tls://``, ``unix://``); port 0 picks
+        a free port.
+    :param url_file: the file, in the job's run directory, the bound URL is written to; None: none.
+    :param launch: the trainer's command line, or None to start the trainer some other way.
+    :param launch_stop_timeout: how long the launched trainer has to exit after the goodbye.
+    :param agent_connect_timeout: how long a task waits for the agent to connect before it fails.
+    :param task_timeout: how long a task may run before it is aborted; None: no limit.
+    :param heartbeat_interval: the site's heartbeat interval for its agents, in seconds.
+    :param heartbeat_timeout: the silence after which an agent's connection is dropped.
+    :param reconnect_timeout: how long a task waits for a disconnected agent to come back.
+    :param secret_env: the name of an environment variable holding a secret the agent must prove
+        it knows (the launched trainer inherits it); None: no secret.
+    :param tls_certfile: with ``tls://``, the site's certificate chain (PEM).
+    :param tls_keyfile: its private key (PEM), if not in ``tls_certfile``.
+    :param tls_client_ca: for mutual TLS, the CA that agents' certificates must be signed by.
+    :param abort_check_interval: how often a running task looks at NVFlare's abort signal.
+    :param backend: the event loop of the site: ``"asyncio"`` or ``"trio"``.
+    """
+
+    def __init__(
+        self,
+        agent_id: str | None = None,
+        listen_url: str = "tcp://127.0.0.1:0",
+        url_file: str | None = "flare_agent_async.url",
+        launch: str | None = None,
+        launch_stop_timeout: float = 10.0,
+        agent_connect_timeout: float = 60.0,
+        task_timeout: float | None = None,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 30.0,
+        reconnect_timeout: float = 60.0,
+        secret_env: str | None = None,
+        tls_certfile: str | None = None,
+        tls_keyfile: str | None = None,
+        tls_client_ca: str | None = None,
+        abort_check_interval: float = 0.1,
+        backend: str = "asyncio",
+    ) -> None:
+        super().__init__()
+        if agent_id is not None and (not isinstance(agent_id, str) or not agent_id):
+            raise ValueError(f"agent_id must be a non-empty str or None, got {agent_id!r}")
+        if not isinstance(listen_url, str) or "://" not in listen_url:
+            raise ValueError(
+                f"listen_url must be a URL such as tcp://127.0.0.1:0, got {listen_url!r}"
+            )
+        if listen_url.startswith("tls://") and not tls_certfile:
+            raise ValueError("a tls:// listen_url needs tls_certfile (and tls_keyfile)")
+        if launch is not None and (not isinstance(launch, str) or not launch.strip()):
+            raise ValueError(f"launch must be a command line or None, got {launch!r}")
+        for name, value in (
+            ("launch_stop_timeout", launch_stop_timeout),
+            ("agent_connect_timeout", agent_connect_timeout),
+            ("abort_check_interval", abort_check_interval),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if task_timeout is not None and not task_timeout > 0:
+            raise ValueError(f"task_timeout must be positive or None, got {task_timeout!r}")
+        if backend not in ("asyncio", "trio"):
+            raise ValueError(f"backend must be 'asyncio' or 'trio', got {backend!r}")
+        self.agent_id = agent_id
+        self.listen_url = listen_url
+        self.url_file = url_file
+        self.launch = launch
+        self.launch_stop_timeout = float(launch_stop_timeout)
+        self.agent_connect_timeout = float(agent_connect_timeout)
+        self.task_timeout = task_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.secret_env = secret_env
+        self.tls_certfile = tls_certfile
+        self.tls_keyfile = tls_keyfile
+        self.tls_client_ca = tls_client_ca
+        self.abort_check_interval = float(abort_check_interval)
+        self.backend = backend
+        self.url: str | None = None
+        """The URL the site listens at, once the run started."""
+        self._portal_cm: contextlib.AbstractContextManager[anyio.from_thread.BlockingPortal] | None
+        self._portal_cm = None
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._host_future: concurrent.futures.Future[None] | None = None
+        self._site: FlareSite | None = None
+        self._stop: anyio.Event | None = None
+        self._trainer_exit: anyio.Event | None = None
+        self._trainer_rc: int | None = None
+
+    # -- NVFlare events -------------------------------------------------------------------------
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Start the site at ``START_RUN``; say goodbye and stop it at ``END_RUN``."""
+        if event_type == EventType.START_RUN:
+            try:
+                self._start(fl_ctx)
+            except Exception as exc:
+                self._shutdown()
+                self.system_panic(f"the agent site could not start: {exc}", fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self._shutdown()
+
+    def _start(self, fl_ctx: FLContext) -> None:
+        engine = fl_ctx.get_engine()
+        job_id = str(fl_ctx.get_job_id())
+        site_name = str(fl_ctx.get_identity_name())
+        if self.agent_id is None:
+            meta = fl_ctx.get_prop(FLContextKey.JOB_META)
+            from_meta = meta.get(JOB_META_KEY_AGENT_ID) if isinstance(meta, dict) else None
+            self.agent_id = from_meta if isinstance(from_meta, str) and from_meta else "trainer"
+        workspace = engine.get_workspace()
+        run_dir = str(workspace.get_run_dir(job_id))
+        app_dir = str(workspace.get_app_dir(job_id))
+        ssl_context = None
+        if self.tls_certfile:
+            ssl_context = server_context(
+                self.tls_certfile, self.tls_keyfile, client_ca=self.tls_client_ca
+            )
+        secret = None
+        if self.secret_env:
+            secret = as_secret(os.environ.get(self.secret_env) or None)
+            if secret is None:
+                raise ValueError(f"the environment variable {self.secret_env} holds no secret")
+        site = FlareSite(
+            site_name,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            reconnect_timeout=self.reconnect_timeout,
+            secret=secret,
+        )
+        self._portal_cm = anyio.from_thread.start_blocking_portal(self.backend)
+        self._portal = self._portal_cm.__enter__()
+        self._host_future, url = self._portal.start_task(
+            self._host, site, ssl_context, site_name, job_id, app_dir
+        )
+        self.url = url
+        if self.url_file:
+            path = os.path.join(run_dir, self.url_file)
+            with open(path + ".partial", "w") as file:
+                file.write(url + "\n")
+            os.replace(path + ".partial", path)
+        self.log_info(
+            fl_ctx, f"agent site {site_name!r} waits for agent {self.agent_id!r} at {url}"
+        )
+
+    async def _host(
+        self,
+        site: FlareSite,
+        ssl_context: ssl.SSLContext | None,
+        site_name: str,
+        job_id: str,
+        app_dir: str,
+        *,
+        task_status: anyio.abc.TaskStatus[str],
+    ) -> None:
+        """Run the site (and the launched trainer) until `_shutdown`."""
+        self._stop = anyio.Event()
+        async with anyio.create_task_group() as group:
+            async with site:
+                url = await site.listen(self.listen_url, ssl_context=ssl_context)
+                process = None
+                if self.launch:
+                    process = await self._launch(url, site_name, job_id, app_dir)
+                    group.start_soon(self._watch_trainer, process)
+                self._site = site
+                task_status.started(url)
+                await self._stop.wait()
+            if process is not None:
+                await self._stop_trainer(process)
+            group.cancel_scope.cancel()
+
+    async def _launch(
+        self, url: str, site_name: str, job_id: str, app_dir: str
+    ) -> anyio.abc.Process:
+        assert self.launch is not None and self.agent_id is not None
+        values = {
+            "url": url,
+            "site_name": site_name,
+            "agent_id": self.agent_id,
+            "job_id": job_id,
+            "app_dir": app_dir,
+        }
+        command = [part.format(**values) for part in shlex.split(self.launch)]
+        env = dict(os.environ)
+        env.update(
+            {
+                ENV_URL: url,
+                ENV_SITE_NAME: site_name,
+                ENV_AGENT_ID: self.agent_id,
+                ENV_JOB_ID: job_id,
+            }
+        )
+        self._trainer_exit = anyio.Event()
+        self.logger.info(f"launching the trainer: {command}")
+        return await anyio.open_process(
+            command, cwd=app_dir, env=env, stdout=None, stderr=None, start_new_session=True
+        )
+
+    async def _watch_trainer(self, process: anyio.abc.Process) -> None:
+        self._trainer_rc = await process.wait()
+        assert self._trainer_exit is not None
+        self._trainer_exit.set()
+        if self._stop is not None and not self._stop.is_set():
+            self.logger.warning(f"the trainer exited with code {self._trainer_rc} during the run")
+
+    async def _stop_trainer(self, process: anyio.abc.Process) -> None:
+        """Give the trainer time to leave after the goodbye; then terminate its process group."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.launch_stop_timeout):
+                await process.wait()
+                return
+            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                self.logger.warning(f"the trainer did not exit; sending it {sig.name}")
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, sig)
+                with anyio.move_on_after(grace):
+                    await process.wait()
+                    return
+
+    def _shutdown(self) -> None:
+        portal, self._portal = self._portal, None
+        if portal is None:
+            return
+        stop = self._stop
+        try:
+            if stop is not None:
+                portal.call(stop.set)
+            if self._host_future is not None:
+                self._host_future.result()
+        except Exception as exc:
+            self.logger.error(f"the agent site ended with an error: {exc!r}")
+        finally:
+            assert self._portal_cm is not None
+            self._portal_cm.__exit__(None, None, None)
+            self._portal_cm = None
+            self._site = None
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def execute(
+        self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal
+    ) -> Shareable:
+        """Run one NVFlare task on the agent and return its result (or an error return code)."""
+        if self._portal is None or self._site is None:
+            self.log_error(fl_ctx, "the agent site is not running (it failed at START_RUN)")
+            return make_reply(FlareRC.EXECUTION_EXCEPTION)
+        try:
+            task = shareable_to_task(shareable)
+        except BadShareable as exc:
+            self.log_error(fl_ctx, f"task {task_name!r}: {exc}")
+            return make_reply(FlareRC.BAD_TASK_DATA)
+        try:
+            result = self._call(
+                abort_signal, self._run_task, task_name, task.task_id, task.data, task.meta
+            )
+        except (_Aborted, TaskAborted):
+            self.log_info(fl_ctx, f"task {task_name!r} {task.task_id} aborted")
+            return make_reply(FlareRC.TASK_ABORTED)
+        except TypeError as exc:
+            self.log_error(fl_ctx, f"task {task_name!r} cannot be sent to the agent: {exc}")
+            return make_reply(FlareRC.BAD_TASK_DATA)
+        except (SiteError, TimeoutError, _TrainerExited) as exc:
+            self.log_error(fl_ctx, f"task {task_name!r} {task.task_id} failed: {exc}")
+            return make_reply(FlareRC.EXECUTION_EXCEPTION)
+        return result_to_shareable(result, task.app_defined)
+
+    def _call(self, abort_signal: Signal, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``function`` in the site's loop; cancel it if NVFlare's abort signal fires."""
+        assert self._portal is not None
+        future = self._portal.start_task_soon(function, *args)
+        while True:
+            try:
+                return future.result(timeout=self.abort_check_interval)
+            except concurrent.futures.TimeoutError:
+                if abort_signal.triggered:
+                    future.cancel()
+                    raise _Aborted from None
+            except concurrent.futures.CancelledError:
+                raise _Aborted from None
+
+    async def _run_task(
+        self, task_name: str, task_id: str, data: Any, meta: dict[str, Any]
+    ) -> TaskResult:
+        site = self._site
+        agent_id = self.agent_id
+        assert site is not None and agent_id is not None
+
+        async def run() -> TaskResult:
+            if agent_id not in site.agents:
+                try:
+                    await site.wait_for_agent(agent_id, timeout=self.agent_connect_timeout)
+                except TimeoutError as exc:
+                    raise TimeoutError(
+                        f"agent {agent_id!r} did not connect within {self.agent_connect_timeout} s"
+                    ) from exc
+            try:
+                return await site.run_task(
+                    agent_id, task_name, data, meta, task_id=task_id, timeout=self.task_timeout
+                )
+            except TimeoutError as exc:
+                raise TimeoutError(f"no result within task_timeout={self.task_timeout} s") from exc
+
+        return await self._unless_trainer_exits(run)
+
+    async def _unless_trainer_exits(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work``; if the launched trainer exits first, cancel it and fail at once."""
+        trainer_exit = self._trainer_exit
+        if trainer_exit is None:
+            return await work()
+        results: list[T] = []
+        errors: list[Exception] = []
+        async with anyio.create_task_group() as group:
+
+            async def run() -> None:
+                try:
+                    results.append(await work())
+                except Exception as exc:
+                    errors.append(exc)
+                group.cancel_scope.cancel()
+
+            group.start_soon(run)
+            await trainer_exit.wait()
+            errors.append(_TrainerExited(f"the trainer exited with code {self._trainer_rc}"))
+            group.cancel_scope.cancel()
+        if results:
+            return results[0]
+        raise errors[0]

@@ -14,17 +14,31 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hmac
 import importlib
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from msgspec import msgpack
 
 from flare_agent_async import cli
+from flare_agent_async.protocol import (
+    FrameReader,
+    Hello,
+    Message,
+    Result,
+    TaskAssign,
+    agent_proof,
+    encode_frame,
+    site_proof,
+)
 
 ROOT = Path(__file__).parent.parent
 DOCS = ROOT / "docs"
@@ -236,3 +250,77 @@ def test_every_page_is_in_the_site_navigation() -> None:
     navigation = set(re.findall(r"([\w/]+\.md)", (ROOT / "mkdocs.yml").read_text()))
     pages = {path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md")}
     assert pages == navigation
+
+
+# -- the wire protocol page is enough to speak the protocol -------------------------------------
+
+
+def read_frames(data: bytes) -> list[Message]:
+    reader, messages, offset = FrameReader(), [], 0
+    while offset < len(data):
+        into = reader.buffer_for_read()
+        count = min(len(into), len(data) - offset)
+        into[:count] = data[offset : offset + count]
+        reader.bytes_read(count)
+        offset += count
+        while (message := reader.next_message()) is not None:
+            messages.append(message)
+    return messages
+
+
+def test_a_task_framed_by_the_protocol_page_is_read_by_the_library() -> None:
+    weights = np.arange(6, dtype="<f4").reshape(2, 3)
+    big = bytes(range(256)) * 300  # over 64 KiB: out of band
+    array = msgpack.Ext(1, msgpack.encode(["<f4", [2, 3], 0, False]))
+    payload = {
+        "w": array,
+        "blob": msgpack.Ext(2, msgpack.encode(1)),
+        "pair": msgpack.Ext(3, msgpack.encode([1, "a"])),
+    }
+    message = {
+        "kind": "task",
+        "task_id": "t1",
+        "task_name": "train",
+        "meta": {"current_round": 2},
+        "data": payload,
+    }
+    buffers = [weights.tobytes(), big]
+    header = msgpack.encode([[len(b) for b in buffers], message])
+    frame = (
+        struct.pack("<2sBBII", b"FA", 1, 0, len(header), len(buffers)) + header + b"".join(buffers)
+    )
+
+    (task,) = read_frames(frame)
+    assert isinstance(task, TaskAssign) and task.meta == {"current_round": 2}
+    assert np.array_equal(task.data["w"], weights) and task.data["w"].dtype == np.float32
+    assert task.data["blob"] == big and task.data["pair"] == (1, "a")
+
+
+def test_the_library_frames_a_result_as_the_protocol_page_says() -> None:
+    result = Result(task_id="t1", return_code="OK", meta={}, data={"w": np.ones(3, dtype=">i8")})
+    frame = b"".join(encode_frame(result))
+    magic, version, reserved, header_bytes, count = struct.unpack_from("<2sBBII", frame)
+    assert (magic, version, reserved, count) == (b"FA", 1, 0, 1)
+    lengths, message = msgpack.decode(
+        frame[12 : 12 + header_bytes], ext_hook=lambda c, d: (c, bytes(d))
+    )
+    assert lengths == [24] and len(frame) == 12 + header_bytes + 24
+    assert message["kind"] == "result" and message["return_code"] == "OK"
+    code, data = message["data"]["w"]
+    assert code == 1 and msgpack.decode(data) == [">i8", [3], 0, False]
+
+
+def test_the_proofs_are_computed_as_the_protocol_page_says() -> None:
+    hello = Hello(
+        protocol_version=1, agent_id="a1", site_name="s", instance_id="i", nonce=b"n" * 16
+    )
+    site_nonce, secret = b"m" * 16, b"secret"
+    fields = msgpack.encode(["a1", "s", None, "i", b"n" * 16, site_nonce])
+    assert (
+        agent_proof(secret, hello, site_nonce)
+        == hmac.new(secret, b"agent\0" + fields, "sha256").digest()
+    )
+    assert (
+        site_proof(secret, hello, site_nonce)
+        == hmac.new(secret, b"site\0" + fields, "sha256").digest()
+    )

@@ -74,7 +74,7 @@ CHECK_INTERVAL = 0.2
 TURNAROUND = 0.05
 
 #: The longest any one task, connection or goodbye may take before a role gives up.
-TASK_DEADLINE = 300.0
+TASK_DEADLINE = 120.0
 #: The agent gives up when the site (which heartbeats every 5 s) has been silent this long.
 SITE_SILENCE_TIMEOUT = 60.0
 WARMUP_TASKS = 2
@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         return run_agent(args.url, args.warmup)
     reason = unavailable()
     if reason is not None:
-        raise SystemExit(reason)
+        print(f"NVFlare IPCAgent: skipped, {reason}")
+        return None
     started = time.perf_counter()
     small = latency(args.tasks, args.repeats)
     print(

@@ -216,3 +216,15 @@ async def test_a_slow_consumer_does_not_slow_the_others_and_memory_stays_bounded
     # the site's payload, and the slow agent's receive buffer: no third copy, no queue growth
     assert peak < 2 * payload["w"].nbytes + 8 * MiB, f"peak {peak / MiB:.1f} MiB"
     report("slow consumer", peak_mib=round(peak / MiB, 1), fast_tasks=200, payload_mib=16)
+
+
+def test_the_fault_injector_refuses_bad_settings_clearly() -> None:
+    faulty = FaultyConnector("memory://nowhere")
+    with pytest.raises(ValueError, match="'send' or 'receive'"):
+        faulty.drop_after_bytes(10, "sideways")
+    with pytest.raises(ValueError, match="at least 0"):
+        faulty.drop_after_bytes(-1)
+    with pytest.raises(ValueError, match="probability"):
+        faulty.inject_randomly(1.5)
+    with pytest.raises(ValueError, match="kinds among"):
+        faulty.inject_randomly(0.1, kinds=["explode"])

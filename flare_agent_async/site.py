@@ -11,6 +11,7 @@ import logging
 import os
 import ssl
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
 from types import TracebackType
@@ -54,6 +55,11 @@ logger = logging.getLogger("flare_agent_async.site")
 _MAX_HANDLED_WHILE_SENDING = 64
 """Messages the site handles from an agent while a send to it waits; each queues at most one
 reply, so an agent that sends without reading holds at most this many replies at the site."""
+
+_GONE_SESSIONS_KEPT = 1024
+"""Sessions of agents that left which the site remembers (so `run_task` on one says why it is
+gone); older ones are forgotten, so agents coming and going, or hellos under made-up ids, cannot
+grow the site without end."""
 
 
 class FlareSite:
@@ -119,6 +125,7 @@ class FlareSite:
         self._group: TaskGroup | None = None
         self._changed: anyio.Event | None = None
         self._sessions: dict[str, SiteSession] = {}
+        self._gone: OrderedDict[str, SiteSession] = OrderedDict()  # oldest first
         self._connections: dict[str, Connection] = {}
         self._expiries: dict[str, anyio.CancelScope] = {}
         self._waiters: dict[SiteTask, anyio.Event] = {}
@@ -441,7 +448,9 @@ class FlareSite:
             if self._connections.get(agent_id) is connection:
                 del self._connections[agent_id]
                 session.connection_lost()
-                if session.state is not SessionState.GONE and self._group is not None:
+                if session.state is SessionState.GONE:
+                    self._forget_later(session)
+                elif self._group is not None:
                     # The scope exists before the task runs, so a quick reconnect can cancel it.
                     expiry = self._expiries[agent_id] = anyio.CancelScope()
                     self._group.start_soon(self._expire, session, expiry)
@@ -460,4 +469,15 @@ class FlareSite:
             reason = f"it did not reconnect within {self._reconnect_timeout:g} s"
             logger.warning("agent %s is gone: %s", session.agent_id, reason)
             self._finished(session.give_up(reason))
+            self._forget_later(session)
             self._notify()
+
+    def _forget_later(self, session: SiteSession) -> None:
+        """Remember a gone session among the last few; forget the oldest beyond them."""
+        gone = self._gone
+        gone[session.agent_id] = session
+        gone.move_to_end(session.agent_id)
+        while len(gone) > _GONE_SESSIONS_KEPT:
+            agent_id, old = gone.popitem(last=False)
+            if self._sessions.get(agent_id) is old:  # not replaced by a newer session since
+                del self._sessions[agent_id]

@@ -18,7 +18,8 @@ import msgspec
 import pytest
 from reliability_helpers import Ledger, echo_trainer, report, wait_until
 
-from flare_agent_async import AsyncFlareAgent, FlareSite
+import flare_agent_async.site
+from flare_agent_async import AgentGone, AsyncFlareAgent, FlareSite, UnknownAgent
 from flare_agent_async.protocol import (
     PROTOCOL_VERSION,
     Bye,
@@ -31,6 +32,7 @@ from flare_agent_async.protocol import (
     Welcome,
 )
 from flare_agent_async.protocol._codec import FrameReader, encode_frame
+from flare_agent_async.transports import MemoryConnector
 
 pytestmark = pytest.mark.anyio
 
@@ -274,3 +276,36 @@ async def connection_storm(port: int, count: int = 2000, at_once: int = 100) -> 
     finally:
         tracemalloc.stop()
     assert grown < 2**20, f"{grown} bytes still held after {count} dropped connections"
+
+
+async def test_agents_that_come_and_go_leave_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hellos under made-up ids, each followed by a goodbye: the site remembers the last of them
+    (a task for one says why it is gone) and forgets the rest, so memory stays flat."""
+    monkeypatch.setattr(flare_agent_async.site, "_GONE_SESSIONS_KEPT", 100)  # 1024 otherwise
+    count = 1000
+    async with FlareSite("site-1") as site:
+        url = await site.listen("memory://")
+        gc.collect()
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            for index in range(count):
+                stream = await MemoryConnector(url).connect()
+                await stream.send(hello(f"ghost{index}"))
+                await stream.send(Bye(reason="passing by"))
+                with anyio.fail_after(5):
+                    async for reply in stream:
+                        if isinstance(reply, Bye):
+                            break
+                await stream.aclose()
+            await anyio.wait_all_tasks_blocked()
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - baseline
+        finally:
+            tracemalloc.stop()
+        with pytest.raises(AgentGone, match="said goodbye: passing by"):
+            await site.run_task(f"ghost{count - 1}", "train", 1)
+        with pytest.raises(UnknownAgent):
+            await site.run_task("ghost0", "train", 1)
+    assert grown < count * 1024, f"{grown / count:.0f} bytes kept per agent that left"
+    report("agents that come and go", agents=count, bytes_kept_per_agent=round(grown / count))

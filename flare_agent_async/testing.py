@@ -246,7 +246,7 @@ class _FaultyBytes(ByteStream):
 
     async def receive_into(self, buffer: memoryview) -> int:
         owner = self._owner
-        slowed = await owner._slow_read()
+        slowed = await owner._read_delay()
         limit = len(buffer)
         if owner.read_chunk_bytes:
             limit = min(limit, owner.read_chunk_bytes)
@@ -256,8 +256,11 @@ class _FaultyBytes(ByteStream):
         if budget is not None:
             limit = min(limit, budget)
         count = await self._inner.receive_into(buffer[:limit])
-        self.waited_to_receive = slowed or self._inner.waited_to_receive
         owner._spend("receive", count)
+        # What was read waits with the reader; a cancellation here loses it, but only the end of
+        # the connection cancels a reader.
+        stalled = await owner._read_stall()
+        self.waited_to_receive = slowed or stalled or self._inner.waited_to_receive
         return count
 
     async def send_some(self, buffers: Sequence[memoryview]) -> int:
@@ -358,8 +361,10 @@ class _FaultyStream(ObjectStream[Message]):
             message = again
         else:
             if self._bytes is None:  # a framed stream is slowed byte by byte instead
-                await owner._slow_read()
+                await owner._read_delay()
             message = await self._inner.receive()
+            if self._bytes is None:
+                await owner._read_stall()
             decision = owner._decide(message, "receive")
             if decision == "drop_on_receive":
                 await self._lose(decision, message)
@@ -421,7 +426,8 @@ class FaultyConnector(Connector):
         self.read_chunk_bytes = 0
         """At most this many bytes per read on byte transports (0: no cap)."""
         self.read_gate: anyio.Event | None = None
-        """When set to an event, reads wait for it: the agent stops reading until it is set."""
+        """When set to an event, the agent stops reading until it is set: what arrives meanwhile
+        (a read already under way included) waits, and the site's sends fill the connection."""
         self.sent: Counter[str] = Counter()
         """Messages sent by the agent, by kind (``"Result"``, ``"Heartbeat"``, ...)."""
         self.received: Counter[str] = Counter()
@@ -535,14 +541,18 @@ class FaultyConnector(Connector):
         if rules:
             rules[0] = max(rules[0] - count, 0)
 
-    async def _slow_read(self) -> bool:
-        """Wait as a slow reader would; whether it waited."""
+    async def _read_delay(self) -> bool:
+        """Before a read: wait ``read_delay``; whether it waited."""
+        if self.read_delay:
+            await anyio.sleep(self.read_delay)
+            return True
+        return False
+
+    async def _read_stall(self) -> bool:
+        """After a read: hold what was read while the read gate is closed; whether it waited."""
         gate = self.read_gate
         if gate is not None and not gate.is_set():
             await gate.wait()
-            return True
-        if self.read_delay:
-            await anyio.sleep(self.read_delay)
             return True
         return False
 

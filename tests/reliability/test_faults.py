@@ -228,3 +228,29 @@ def test_the_fault_injector_refuses_bad_settings_clearly() -> None:
         faulty.inject_randomly(1.5)
     with pytest.raises(ValueError, match="kinds among"):
         faulty.inject_randomly(0.1, kinds=["explode"])
+
+
+@pytest.mark.parametrize("transport", ["memory://", "tcp://127.0.0.1:0"])
+async def test_a_read_gate_stalls_the_agent_and_a_send_delay_holds_its_messages(
+    transport: str,
+) -> None:
+    async with FlareSite("site-1") as site:
+        faulty = FaultyConnector(await site.listen(transport))
+        async with AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent:
+            faulty.read_gate = anyio.Event()
+            async with anyio.create_task_group() as group:
+                results: list[TaskResult] = []
+
+                async def run() -> None:
+                    results.append(await site.run_task("a1", "train", 7))
+
+                group.start_soon(run)
+                assert await agent.get_task(timeout=0.2) is None, "the stalled agent read"
+                faulty.read_gate.set()
+                task = await agent.get_task(timeout=5)
+                assert task is not None and task.data == 7
+                faulty.send_delay = 0.2
+                submitted = anyio.current_time()
+                assert await agent.submit_result(TaskResult({}, 8))
+                assert anyio.current_time() - submitted >= 0.2
+            assert results[0].data == 8

@@ -143,10 +143,14 @@ class FlareSite:
     @property
     def agents(self) -> frozenset[str]:
         """The ids of the agents connected right now."""
-        return frozenset(
-            agent_id
-            for agent_id in self._connections
-            if self._sessions[agent_id].state is SessionState.CONNECTED
+        return frozenset(filter(self._is_connected, self._connections))
+
+    def _is_connected(self, agent_id: str) -> bool:
+        session = self._sessions.get(agent_id)
+        return (
+            agent_id in self._connections
+            and session is not None
+            and session.state is SessionState.CONNECTED
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -209,7 +213,7 @@ class FlareSite:
         """
         self._running()
         with anyio.fail_after(timeout):
-            while agent_id not in self.agents:
+            while not self._is_connected(agent_id):  # not `self.agents`: O(1), not O(agents)
                 await self._wait_changed()
                 if self._closing:
                     raise CallStateError(f"the site closed while waiting for agent {agent_id!r}")

@@ -37,3 +37,10 @@ def test_the_readme_test_command_is_the_one_ci_runs() -> None:
     assert len(commands) == 2, "the README gives two commands"
     ci = (ROOT / ".ci" / "run").read_text().replace(" --quiet", "")
     assert commands[1].strip() in ci, "the test command of the README is what .ci/run runs"
+
+
+def test_the_readme_links_point_at_pages_that_exist() -> None:
+    links = re.findall(r"\]\(([^)#]+)\)", README.read_text())
+    assert links, "the README links into the docs"
+    missing = [link for link in links if "://" not in link and not (ROOT / link).is_file()]
+    assert not missing, missing

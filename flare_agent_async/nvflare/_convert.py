@@ -46,7 +46,8 @@ def shareable_to_task(shareable: Shareable) -> TaskInput:
     except Exception as exc:
         raise BadShareable(f"the task holds no DXO: {exc}") from exc
     meta = dict(dxo.meta or {})
-    meta[MetaKey.DATA_KIND] = dxo.data_kind
+    # NVFlare's data kinds are str enums; the agent gets the plain string ("WEIGHTS").
+    meta[MetaKey.DATA_KIND] = str(getattr(dxo.data_kind, "value", dxo.data_kind))
     current_round = shareable.get_header(AppConstants.CURRENT_ROUND, None)
     total_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, None)
     if current_round is not None:

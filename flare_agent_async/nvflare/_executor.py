@@ -16,7 +16,7 @@ import shlex
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -51,6 +51,19 @@ ENV_JOB_ID = "FLARE_AGENT_JOB_ID"
 
 class _Aborted(Exception):
     """NVFlare's abort signal fired while a task was running."""
+
+
+class _Cancel:
+    """Cancels a call in the site's loop, even one whose task has not started yet."""
+
+    def __init__(self) -> None:
+        self.scope: anyio.CancelScope | None = None
+        self.requested = False
+
+    def __call__(self) -> None:
+        self.requested = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class _TrainerExited(Exception):
@@ -164,7 +177,8 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self._site: FlareSite | None = None
         self._stop: anyio.Event | None = None
         self._trainer_exit: anyio.Event | None = None
-        self._trainer_rc: int | None = None
+        self.trainer_returncode: int | None = None
+        """The launched trainer's exit code once it exited (negative: the signal that ended it)."""
 
     # -- NVFlare events -------------------------------------------------------------------------
 
@@ -200,17 +214,10 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             secret = as_secret(os.environ.get(self.secret_env) or None)
             if secret is None:
                 raise ValueError(f"the environment variable {self.secret_env} holds no secret")
-        site = FlareSite(
-            site_name,
-            heartbeat_interval=self.heartbeat_interval,
-            heartbeat_timeout=self.heartbeat_timeout,
-            reconnect_timeout=self.reconnect_timeout,
-            secret=secret,
-        )
         self._portal_cm = anyio.from_thread.start_blocking_portal(self.backend)
         self._portal = self._portal_cm.__enter__()
         self._host_future, url = self._portal.start_task(
-            self._host, site, ssl_context, site_name, job_id, app_dir
+            self._host, secret, ssl_context, site_name, job_id, app_dir
         )
         self.url = url
         if self.url_file:
@@ -224,7 +231,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
 
     async def _host(
         self,
-        site: FlareSite,
+        secret: bytes | None,
         ssl_context: ssl.SSLContext | None,
         site_name: str,
         job_id: str,
@@ -233,6 +240,15 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         task_status: anyio.abc.TaskStatus[str],
     ) -> None:
         """Run the site (and the launched trainer) until `_shutdown`."""
+        # Made here, in the site's own event loop: NVFlare may fire START_RUN from a thread
+        # that belongs to another event loop.
+        site = FlareSite(
+            site_name,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            reconnect_timeout=self.reconnect_timeout,
+            secret=secret,
+        )
         self._stop = anyio.Event()
         async with anyio.create_task_group() as group:
             async with site:
@@ -276,11 +292,12 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         )
 
     async def _watch_trainer(self, process: anyio.abc.Process) -> None:
-        self._trainer_rc = await process.wait()
+        self.trainer_returncode = await process.wait()
         assert self._trainer_exit is not None
         self._trainer_exit.set()
         if self._stop is not None and not self._stop.is_set():
-            self.logger.warning(f"the trainer exited with code {self._trainer_rc} during the run")
+            code = self.trainer_returncode
+            self.logger.warning(f"the trainer exited with code {code} during the run")
 
     async def _stop_trainer(self, process: anyio.abc.Process) -> None:
         """Give the trainer time to leave after the goodbye; then terminate its process group."""
@@ -344,18 +361,37 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         return result_to_shareable(result, task.app_defined)
 
     def _call(self, abort_signal: Signal, function: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``function`` in the site's loop; cancel it if NVFlare's abort signal fires."""
+        """Run ``function`` in the site's loop; cancel it if NVFlare's abort signal fires.
+
+        On abort it returns only once the cancellation has run its course (the abort is queued
+        for the agent), so the agent hears of it before it hears of the next task.
+        """
         assert self._portal is not None
-        future = self._portal.start_task_soon(function, *args)
+        cancel = _Cancel()
+        future = self._portal.start_task_soon(self._cancellable, cancel, function, *args)
         while True:
             try:
-                return future.result(timeout=self.abort_check_interval)
+                results = future.result(timeout=self.abort_check_interval)
             except concurrent.futures.TimeoutError:
                 if abort_signal.triggered:
-                    future.cancel()
+                    self._portal.call(cancel)
+                    with contextlib.suppress(Exception):
+                        future.result()
                     raise _Aborted from None
-            except concurrent.futures.CancelledError:
-                raise _Aborted from None
+                continue
+            if not results:
+                raise _Aborted
+            return cast(T, results[0])
+
+    @staticmethod
+    async def _cancellable(
+        cancel: _Cancel, function: Callable[..., Awaitable[T]], *args: Any
+    ) -> list[T]:
+        with anyio.CancelScope() as cancel.scope:
+            if cancel.requested:
+                cancel.scope.cancel()
+            return [await function(*args)]
+        return []
 
     async def _run_task(
         self, task_name: str, task_id: str, data: Any, meta: dict[str, Any]
@@ -399,7 +435,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
 
             group.start_soon(run)
             await trainer_exit.wait()
-            errors.append(_TrainerExited(f"the trainer exited with code {self._trainer_rc}"))
+            errors.append(_TrainerExited(f"the trainer exited with code {self.trainer_returncode}"))
             group.cancel_scope.cancel()
         if results:
             return results[0]

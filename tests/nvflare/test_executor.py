@@ -1,0 +1,255 @@
+"""`AgentExecutor` driven as NVFlare drives it, without the simulator: events, tasks, aborts."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import pytest
+
+pytest.importorskip("nvflare")
+
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.apis.workspace import Workspace
+from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+
+from flare_agent_async import AgentClosed, AsyncFlareAgent, TaskResult
+from flare_agent_async.nvflare import AgentExecutor, NpzModelPersistor, result_to_shareable
+
+pytestmark = pytest.mark.anyio
+
+SITE = "site-1"
+JOB = "job-1"
+
+
+class FakeEngine:
+    """What an executor asks of NVFlare's engine: the workspace, and somewhere to fire events."""
+
+    def __init__(self, root: Path) -> None:
+        (root / "startup").mkdir()
+        (root / "local").mkdir()
+        self.workspace = Workspace(str(root), SITE)
+        self.events: list[str] = []
+
+    def get_workspace(self) -> Workspace:
+        return self.workspace
+
+    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        self.events.append(event_type)
+
+
+@pytest.fixture
+def fl_ctx(tmp_path: Path) -> FLContext:
+    engine = FakeEngine(tmp_path)
+    Path(engine.workspace.get_app_dir(JOB)).mkdir(parents=True)
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
+    ctx.set_prop(ReservedKey.RUN_NUM, JOB, private=True, sticky=False)
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, SITE, private=True, sticky=False)
+    return ctx
+
+
+def task_shareable(data: dict[str, Any], task_id: str = "t1") -> Shareable:
+    shareable = DXO(DataKind.WEIGHTS, data, meta={"lr": 0.1}).to_shareable()
+    shareable.set_header(AppConstants.CURRENT_ROUND, 1)
+    shareable.set_header(AppConstants.NUM_ROUNDS, 3)
+    shareable.set_header(FLContextKey.TASK_ID, task_id)
+    return shareable
+
+
+@asynccontextmanager
+async def running(executor: AgentExecutor, fl_ctx: FLContext) -> AsyncIterator[AgentExecutor]:
+    await anyio.to_thread.run_sync(executor.handle_event, EventType.START_RUN, fl_ctx)
+    try:
+        yield executor
+    finally:
+        await anyio.to_thread.run_sync(executor.handle_event, EventType.END_RUN, fl_ctx)
+
+
+@asynccontextmanager
+async def executing(
+    executor: AgentExecutor, shareable: Shareable, fl_ctx: FLContext, signal: Signal | None = None
+) -> AsyncIterator[list[Shareable]]:
+    """Run ``execute`` in a thread, as NVFlare does; its reply lands in the yielded list.
+
+    If the block fails, NVFlare's abort signal ends the task, so its thread cannot hang the test.
+    """
+    signal = signal or Signal()
+    replies: list[Shareable] = []
+
+    async def run() -> None:
+        reply = await anyio.to_thread.run_sync(executor.execute, "train", shareable, fl_ctx, signal)
+        replies.append(reply)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+        try:
+            yield replies
+        except BaseException:
+            signal.trigger(True)
+            raise
+
+
+async def test_a_task_runs_on_the_agent_and_end_run_says_goodbye(
+    fl_ctx: FLContext, tmp_path: Path
+) -> None:
+    executor = AgentExecutor(agent_id="a1")
+    async with running(executor, fl_ctx):
+        url = (tmp_path / JOB / "flare_agent_async.url").read_text().strip()
+        assert url == executor.url and url.startswith("tcp://127.0.0.1:")
+        async with AsyncFlareAgent(url, agent_id="a1", site_name=SITE) as agent:
+            with anyio.fail_after(20):
+                shareable = task_shareable({"w": np.ones(3, dtype=np.float32)})
+                async with executing(executor, shareable, fl_ctx) as replies:
+                    task = await agent.get_task()
+                    assert task is not None and task.task_id == "t1"
+                    result = TaskResult({"NUM_STEPS_CURRENT_ROUND": 5}, {"w": task.data["w"] + 1})
+                    assert await agent.submit_result(result)
+                assert task.meta == {
+                    "lr": 0.1,
+                    "data_kind": "WEIGHTS",
+                    "current_round": 1,
+                    "total_round": 3,
+                }
+                await anyio.to_thread.run_sync(executor.handle_event, EventType.END_RUN, fl_ctx)
+                with pytest.raises(AgentClosed):
+                    await agent.get_task()
+    (reply,) = replies
+    assert reply.get_return_code() == ReturnCode.OK
+    dxo = from_shareable(reply)
+    assert dxo.data_kind == DataKind.WEIGHTS
+    assert dxo.meta == {"NUM_STEPS_CURRENT_ROUND": 5}
+    np.testing.assert_array_equal(dxo.data["w"], np.full(3, 2, dtype=np.float32))
+
+
+async def test_nvflare_abort_aborts_a_fetched_task_and_an_unfetched_one_does_not_wedge_the_agent(
+    fl_ctx: FLContext,
+) -> None:
+    executor = AgentExecutor(agent_id="a1", abort_check_interval=0.02)
+    async with running(executor, fl_ctx):
+        assert executor.url is not None
+        async with AsyncFlareAgent(executor.url, agent_id="a1", site_name=SITE) as agent:
+            with anyio.fail_after(20):
+                # Aborted after the agent fetched it: the trainer hears of it.
+                signal = Signal()
+                async with executing(executor, task_shareable({}, "t1"), fl_ctx, signal) as first:
+                    task = await agent.get_task()
+                    assert task is not None and task.task_id == "t1"
+                    signal.trigger(True)
+                    await task.wait_aborted()
+                assert first[0].get_return_code() == ReturnCode.TASK_ABORTED
+                assert not await agent.submit_result(TaskResult({}, {}))
+
+                # Aborted before the agent asked for it: the next task still comes through.
+                signal = Signal()
+                signal.trigger(True)
+                async with executing(executor, task_shareable({}, "t2"), fl_ctx, signal) as second:
+                    pass
+                assert second[0].get_return_code() == ReturnCode.TASK_ABORTED
+                async with executing(executor, task_shareable({}, "t3"), fl_ctx) as third:
+                    task = await agent.get_task()
+                    assert task is not None
+                    if task.task_id == "t2":  # fetched before its abort arrived
+                        await task.wait_aborted()
+                        assert not await agent.submit_result(TaskResult({}, {}))
+                        task = await agent.get_task()
+                    assert task is not None and task.task_id == "t3"
+                    assert await agent.submit_result(TaskResult({}, {"done": True}))
+                assert third[0].get_return_code() == ReturnCode.OK
+
+
+def test_a_launched_trainer_that_exits_early_fails_the_task_at_once(fl_ctx: FLContext) -> None:
+    launch = f'{sys.executable} -c "raise SystemExit(3)"'
+    executor = AgentExecutor(agent_id="a1", launch=launch, agent_connect_timeout=60)
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    try:
+        reply = executor.execute("train", task_shareable({"w": np.zeros(1)}), fl_ctx, Signal())
+    finally:
+        executor.handle_event(EventType.END_RUN, fl_ctx)
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert executor.trainer_returncode == 3
+
+
+def test_a_launched_trainer_that_stays_is_terminated_at_end_run(fl_ctx: FLContext) -> None:
+    # The stand-in trainer never connects and never leaves on its own.
+    launch = f'{sys.executable} -c "import time; time.sleep(600)"'
+    executor = AgentExecutor(launch=launch, launch_stop_timeout=0.2)
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    executor.handle_event(EventType.END_RUN, fl_ctx)
+    assert executor.trainer_returncode == -15
+
+
+def test_a_site_that_cannot_listen_panics_the_run(fl_ctx: FLContext) -> None:
+    executor = AgentExecutor(listen_url="bogus://nowhere")
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    assert fl_ctx.get_engine().events == [EventType.FATAL_SYSTEM_ERROR]
+    reply = executor.execute("train", task_shareable({}), fl_ctx, Signal())
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    executor.handle_event(EventType.END_RUN, fl_ctx)
+
+
+def test_a_task_without_a_dxo_is_bad_task_data(fl_ctx: FLContext) -> None:
+    executor = AgentExecutor()
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    try:
+        reply = executor.execute("train", Shareable(), fl_ctx, Signal())
+    finally:
+        executor.handle_event(EventType.END_RUN, fl_ctx)
+    assert reply.get_return_code() == ReturnCode.BAD_TASK_DATA
+
+
+@pytest.mark.parametrize(
+    ("result", "app_defined", "expected_rc", "expected_kind"),
+    [
+        (TaskResult({}, {"w": 1}), False, ReturnCode.OK, DataKind.WEIGHTS),
+        (TaskResult({"data_kind": DataKind.WEIGHT_DIFF}, {"w": 1}), False, "OK", "WEIGHT_DIFF"),
+        (TaskResult({}, {"w": 1}), True, ReturnCode.OK, DataKind.APP_DEFINED),
+        (TaskResult({}, {}, "BAD_TASK_DATA"), False, ReturnCode.BAD_TASK_DATA, None),
+        (TaskResult({}, {}, "not-an-nvflare-code"), False, ReturnCode.EXECUTION_EXCEPTION, None),
+        (TaskResult({}, np.zeros(2)), False, ReturnCode.EXECUTION_RESULT_ERROR, None),
+    ],
+)
+def test_results_convert_to_shareables(
+    result: TaskResult, app_defined: bool, expected_rc: str, expected_kind: str | None
+) -> None:
+    shareable = result_to_shareable(result, app_defined)
+    assert shareable.get_return_code() == expected_rc
+    if expected_kind is not None:
+        assert from_shareable(shareable).data_kind == expected_kind
+
+
+def test_bad_executor_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="listen_url"):
+        AgentExecutor(listen_url="127.0.0.1:0")
+    with pytest.raises(ValueError, match="tls_certfile"):
+        AgentExecutor(listen_url="tls://127.0.0.1:0")
+    with pytest.raises(ValueError, match="agent_connect_timeout"):
+        AgentExecutor(agent_connect_timeout=0)
+
+
+def test_the_persistor_loads_the_initial_model_and_saves_the_latest(
+    fl_ctx: FLContext, tmp_path: Path
+) -> None:
+    initial = tmp_path / "initial.npz"
+    np.savez(initial, w=np.arange(3.0))
+    persistor = NpzModelPersistor(str(initial))
+    model = persistor.load_model(fl_ctx)
+    np.testing.assert_array_equal(model[ModelLearnableKey.WEIGHTS]["w"], np.arange(3.0))
+    persistor.save_model(make_model_learnable({"w": np.ones(3)}, {}), fl_ctx)
+    with np.load(tmp_path / JOB / "global_model.npz", allow_pickle=False) as saved:
+        np.testing.assert_array_equal(saved["w"], np.ones(3))
+    np.testing.assert_array_equal(
+        persistor.load_model(fl_ctx)[ModelLearnableKey.WEIGHTS]["w"], np.ones(3)
+    )

@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -262,6 +263,8 @@ class AgentExecutor(Executor):  # type: ignore[misc]
                 await self._stop.wait()
             if process is not None:
                 await self._stop_trainer(process)
+                with anyio.CancelScope(shield=True):
+                    await process.aclose()
             group.cancel_scope.cancel()
 
     async def _launch(
@@ -345,6 +348,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         except BadShareable as exc:
             self.log_error(fl_ctx, f"task {task_name!r}: {exc}")
             return make_reply(FlareRC.BAD_TASK_DATA)
+        started = time.monotonic()
         try:
             result = self._call(
                 abort_signal, self._run_task, task_name, task.task_id, task.data, task.meta
@@ -358,6 +362,12 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         except (SiteError, TimeoutError, _TrainerExited) as exc:
             self.log_error(fl_ctx, f"task {task_name!r} {task.task_id} failed: {exc}")
             return make_reply(FlareRC.EXECUTION_EXCEPTION)
+        elapsed_ms = (time.monotonic() - started) * 1000
+        self.log_info(
+            fl_ctx,
+            f"task {task_name!r} {task.task_id}: {result.return_code} from agent "
+            f"{self.agent_id!r} in {elapsed_ms:.1f} ms",
+        )
         return result_to_shareable(result, task.app_defined)
 
     def _call(self, abort_signal: Signal, function: Callable[..., Awaitable[T]], *args: Any) -> T:

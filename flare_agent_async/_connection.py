@@ -10,6 +10,7 @@ import math
 from collections.abc import Awaitable, Callable
 
 import anyio
+import anyio.lowlevel
 
 from .exceptions import ProtocolError, TransportError
 from .protocol import Message
@@ -83,11 +84,12 @@ class Connection:
         self._flush_deferred = flush_deferred
         self._on_protocol_error = on_protocol_error
         self._max_handled_while_sending = max_handled_while_sending
-        self._sending: anyio.Event | None = None  # set while the writer is in a send
+        self._sending = False  # whether the writer is in a send
+        self._sent: anyio.Event | None = None  # made by a reader that waits for the send
         self._handled_while_sending = 0
         self._wakeup: anyio.Event | None = None  # set while the writer waits
         self._scope = anyio.CancelScope()
-        self._liveness: anyio.CancelScope | None = None
+        self._last_alive = 0.0  # when the peer was last heard from (the event loop's clock)
         self._draining = False
         self._error: BaseException | None = None
         if isinstance(stream, FramedMessageStream):
@@ -96,9 +98,7 @@ class Connection:
             stream.on_progress = on_progress
 
     def _alive(self) -> None:
-        liveness = self._liveness
-        if liveness is not None:
-            liveness.deadline = anyio.current_time() + self._read_timeout()
+        self._last_alive = anyio.current_time()
 
     def wake(self) -> None:
         """Tell the writer there may be something to send."""
@@ -192,7 +192,7 @@ class Connection:
 
     async def _send(self, messages: list[Message]) -> None:
         stream = self.stream
-        self._sending = anyio.Event()
+        self._sending = True
         self._handled_while_sending = 0
         try:
             if isinstance(stream, FramedMessageStream):
@@ -201,28 +201,38 @@ class Connection:
                 for message in messages:
                     await stream.send(message)
         finally:
-            sending, self._sending = self._sending, None
-            sending.set()
+            self._sending = False
+            sent, self._sent = self._sent, None
+            if sent is not None:
+                sent.set()
 
     async def _wait_for_send(self) -> None:
         """Back-pressure: after enough messages handled during one send, wait for it to end."""
-        sending, limit = self._sending, self._max_handled_while_sending
-        if sending is None or limit is None:
+        limit = self._max_handled_while_sending
+        if not self._sending or limit is None:
             return
         self._handled_while_sending += 1
         if self._handled_while_sending >= limit:
-            await sending.wait()
+            if self._sent is None:
+                self._sent = anyio.Event()
+            await self._sent.wait()
 
     async def _read(self) -> None:
         stream = self.stream
-        with anyio.CancelScope() as liveness:
-            self._liveness = liveness
-            while True:
-                liveness.deadline = anyio.current_time() + self._read_timeout()
-                message = await stream.receive()
-                self._handle(message)
-                del message  # a received model belongs to the trainer now, not to this loop
-                self.wake()
-                await self._wait_for_send()
-        timeout = self._read_timeout()
-        raise PeerSilent(f"nothing arrived from the peer for {timeout:g} s")
+        counts_bytes = isinstance(stream, FramedMessageStream)  # then it calls _alive itself
+        self._alive()
+        while True:
+            # The deadline is not moved at every message (that costs more than the message):
+            # when it passes, the reader looks at when the peer was last heard, and goes on.
+            deadline = self._last_alive + self._read_timeout()
+            if anyio.current_time() >= deadline:
+                raise PeerSilent(f"nothing arrived from the peer for {self._read_timeout():g} s")
+            with anyio.CancelScope(deadline=deadline):
+                while True:
+                    message = await stream.receive()  # a cancellation here loses nothing
+                    if not counts_bytes:
+                        self._alive()
+                    self._handle(message)
+                    del message  # a received model belongs to the trainer now, not to this loop
+                    self.wake()
+                    await self._wait_for_send()

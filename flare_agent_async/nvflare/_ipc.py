@@ -216,7 +216,7 @@ class _CellStream(ObjectStream[Message]):
         ):
             cell.register_request_cb(channel=ipc.CHANNEL, topic=topic, cb=callback)
         self._cell = cell
-        await anyio.to_thread.run_sync(cell.start)
+        # Welcomed before the cell starts: whatever the exchanger sends comes after it.
         timeout = self._connector.heartbeat_timeout
         self._to_agent.send_nowait(
             Welcome(
@@ -226,6 +226,7 @@ class _CellStream(ObjectStream[Message]):
                 heartbeat_timeout=timeout,
             )
         )
+        await anyio.to_thread.run_sync(cell.start)
 
     async def _submit(self, result: Result) -> None:
         cell, peer = self._cell, self._peer

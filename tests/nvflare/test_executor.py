@@ -12,6 +12,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 import pytest
+import trustme
 
 pytest.importorskip("nvflare")
 
@@ -27,6 +28,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from flare_agent_async import AgentClosed, AsyncFlareAgent, TaskResult
 from flare_agent_async.nvflare import AgentExecutor, NpzModelPersistor, result_to_shareable
+from flare_agent_async.tls import client_context
 
 pytestmark = pytest.mark.anyio
 
@@ -168,6 +170,39 @@ async def test_nvflare_abort_aborts_a_fetched_task_and_an_unfetched_one_does_not
                     assert task is not None and task.task_id == "t3"
                     assert await agent.submit_result(TaskResult({}, {"done": True}))
                 assert third[0].get_return_code() == ReturnCode.OK
+
+
+async def test_tls_a_secret_and_the_agent_id_from_the_job_meta(
+    fl_ctx: FLContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = trustme.CA()
+    certfile = tmp_path / "site.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(certfile)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    monkeypatch.setenv("TEST_AGENT_SECRET", "s3cret")
+    fl_ctx.set_prop(FLContextKey.JOB_META, {"agent_id": "from-meta"}, private=True, sticky=False)
+    executor = AgentExecutor(
+        listen_url="tls://127.0.0.1:0", tls_certfile=str(certfile), secret_env="TEST_AGENT_SECRET"
+    )
+    async with running(executor, fl_ctx):
+        assert executor.url is not None and executor.url.startswith("tls://127.0.0.1:")
+        agent = AsyncFlareAgent(
+            executor.url,
+            agent_id="from-meta",
+            site_name=SITE,
+            secret="s3cret",
+            ssl_context=client_context(str(ca_file)),
+        )
+        async with agent:
+            with anyio.fail_after(20):
+                async with executing(
+                    executor, task_shareable({"w": np.ones(1)}), fl_ctx
+                ) as replies:
+                    task = await agent.get_task()
+                    assert task is not None
+                    assert await agent.submit_result(TaskResult({}, task.data))
+    assert replies[0].get_return_code() == ReturnCode.OK
 
 
 def test_a_launched_trainer_that_exits_early_fails_the_task_at_once(fl_ctx: FLContext) -> None:

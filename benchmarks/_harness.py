@@ -180,3 +180,20 @@ def run_on(backend: str, function: Any, *args: Any) -> Any:
     if backend == "uvloop":
         return anyio.run(function, *args, backend="asyncio", backend_options={"use_uvloop": True})
     return anyio.run(function, *args, backend=backend)
+
+
+def site_url(transport: str, folder: str) -> str:
+    """Where a benchmark site listens: a free loopback port, or a socket file in ``folder``."""
+    if transport == "unix":
+        return f"unix://{folder}/site.sock"
+    return f"{transport}://127.0.0.1:0"
+
+
+def site_and_agent(
+    module: str, site_args: Sequence[str], agent_role: str, agent_args: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A site process and an agent process given the site's bound URL; both one's records."""
+    with Child(module, "site", *site_args) as site:
+        url = site.expect("url")
+        with Child(module, agent_role, "--url", url, *agent_args) as agent:
+            return site.finish(), agent.finish()

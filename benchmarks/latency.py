@@ -28,6 +28,8 @@ from benchmarks._harness import (
     emit,
     report_usage,
     run_on,
+    site_and_agent,
+    site_url,
     spread,
     usage,
 )
@@ -138,26 +140,13 @@ def ours(transport: str, backend: str, agent: str, tasks: int, repeats: int) -> 
             records = both.finish()
         row.update(site=usage(records), agent=usage(records), agent_cpu_ms_per_task=0.0)
     else:
-        folder = tempfile.mkdtemp(prefix="flare-bench-")
-        url = {
-            "tcp": "tcp://127.0.0.1:0",
-            "unix": f"unix://{folder}/site.sock",
-            "tls": "tls://127.0.0.1:0",
-        }[transport]
-        with Child("latency", "site", *common, "--url", url, "--folder", folder) as site:
-            bound = site.expect("url")
-            with Child(
+        with tempfile.TemporaryDirectory(prefix="flare-bench-") as folder:
+            site_records, agent_records = site_and_agent(
                 "latency",
+                (*common, "--url", site_url(transport, folder), "--folder", folder),
                 f"{agent}-agent",
-                "--backend",
-                backend,
-                "--url",
-                bound,
-                "--folder",
-                folder,
-            ) as agent_process:
-                site_records = site.finish()
-                agent_records = agent_process.finish()
+                ("--backend", backend, "--folder", folder),
+            )
         row.update(
             site=usage(site_records),
             agent=usage(agent_records),

@@ -29,6 +29,8 @@ from benchmarks._harness import (
     report_usage,
     rss_bytes,
     run_on,
+    site_and_agent,
+    site_url,
     spread,
     usage,
 )
@@ -152,32 +154,25 @@ def _row(
 
 def floor(transport: str, mib: float, repeats: int) -> dict[str, Any]:
     """The same bytes out and back over raw blocking sockets (tcp or unix)."""
-    folder = tempfile.mkdtemp(prefix="flare-bench-")
-    address = os.path.join(folder, "floor.sock") if transport == "unix" else "tcp"
-    with Child("throughput", "floor-echo", "--address", address) as echo:
-        bound = echo.expect("address")
-        common = ("--mib", str(mib), "--repeats", str(repeats))
-        with Child("throughput", "floor-client", "--address", str(bound), *common) as client:
-            site = client.finish()
-            agent = echo.finish()
+    with tempfile.TemporaryDirectory(prefix="flare-bench-") as folder:
+        address = os.path.join(folder, "floor.sock") if transport == "unix" else "tcp"
+        with Child("throughput", "floor-echo", "--address", address) as echo:
+            bound = echo.expect("address")
+            common = ("--mib", str(mib), "--repeats", str(repeats))
+            with Child("throughput", "floor-client", "--address", str(bound), *common) as client:
+                site = client.finish()
+                agent = echo.finish()
     return _row("floor", transport, "blocking", mib, site, agent)
 
 
 def ours(transport: str, backend: str, mib: float, repeats: int) -> dict[str, Any]:
     """Our site and agent, one process each, one model out and back ``repeats`` times."""
-    folder = tempfile.mkdtemp(prefix="flare-bench-")
-    url = {
-        "tcp": "tcp://127.0.0.1:0",
-        "unix": f"unix://{folder}/site.sock",
-        "tls": "tls://127.0.0.1:0",
-    }[transport]
-    common = ("--backend", backend, "--folder", folder)
-    sizes = ("--mib", str(mib), "--repeats", str(repeats))
-    with Child("throughput", "site", "--url", url, *common, *sizes) as site_process:
-        bound = site_process.expect("url")
-        with Child("throughput", "agent", "--url", bound, *common) as agent_process:
-            site = site_process.finish()
-            agent = agent_process.finish()
+    with tempfile.TemporaryDirectory(prefix="flare-bench-") as folder:
+        common = ("--backend", backend, "--folder", folder)
+        sizes = ("--mib", str(mib), "--repeats", str(repeats))
+        site, agent = site_and_agent(
+            "throughput", ("--url", site_url(transport, folder), *common, *sizes), "agent", common
+        )
     return _row("flare_agent_async", transport, backend, mib, site, agent)
 
 

@@ -44,7 +44,7 @@ class Plan:
     tasks: int = 3000
     repeats: int = 3
     transports: tuple[str, ...] = latency.TRANSPORTS
-    sync_transports: tuple[str, ...] = ("memory", "tcp", "unix", "tls")
+    sync_transports: tuple[str, ...] = ("tcp", "unix", "tls")  # a sync agent needs a wire
     backends: tuple[str, ...] = field(default_factory=lambda: tuple(available_backends()))
     sizes_mib: tuple[float, ...] = (1, 64, 512)
     throughput_transports: tuple[str, ...] = throughput.TRANSPORTS

@@ -136,6 +136,8 @@ def ours(transport: str, backend: str, agent: str, tasks: int, repeats: int) -> 
     row: dict[str, Any] = {"transport": transport, "backend": backend, "agent_kind": agent}
     common = ("--backend", backend, "--tasks", str(tasks), "--repeats", str(repeats))
     if transport == "memory":
+        if agent != "async":
+            raise ValueError("memory:// joins a site and an agent on one event loop: async only")
         with Child("latency", "memory", *common) as both:
             records = both.finish()
         row.update(site=usage(records), agent=usage(records), agent_cpu_ms_per_task=0.0)

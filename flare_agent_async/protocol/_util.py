@@ -9,11 +9,12 @@ V = TypeVar("V")
 class RecentIds(Generic[V]):
     """The last ``capacity`` task ids seen, each with a value; the oldest is forgotten first.
 
-    Resends only ever repeat the last few tasks, so a bounded window dedupes them without letting a
-    long-running agent or site grow without end.
+    Resends only ever repeat the last few tasks (an agent works on one at a time), so a small
+    window dedupes them without letting a long-running agent or site grow: 128 ids are about
+    13 KiB, which thousands of agents on one site can afford.
     """
 
-    def __init__(self, capacity: int = 4096) -> None:
+    def __init__(self, capacity: int = 128) -> None:
         self._items: OrderedDict[str, V] = OrderedDict()
         self._capacity = capacity
 

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,8 +32,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchmarks import latency, nvflare_ipc, scale, throughput
-from benchmarks._harness import ROOT, available_backends
+from benchmarks import latency, nvflare_ipc, report, scale, throughput
+from benchmarks._harness import ROOT, ChildFailed, available_backends
 
 SCENARIOS = ("latency", "throughput", "scale", "floor", "nvflare")
 
@@ -60,13 +61,13 @@ class Plan:
     def quick(cls) -> Plan:
         """Every scenario at tiny sizes: a smoke test of the suite, not figures to quote."""
         return cls(
-            tasks=200,
+            tasks=100,
             repeats=1,
-            transports=("memory", "tcp"),
+            transports=latency.TRANSPORTS,
             sync_transports=("tcp",),
             backends=("asyncio", "trio"),
-            sizes_mib=(1, 8),
-            throughput_transports=("tcp",),
+            sizes_mib=(1, 4),
+            throughput_transports=("tcp", "tls"),
             throughput_repeats=1,
             agents=(50,),
             scale_backends=("asyncio",),
@@ -75,6 +76,12 @@ class Plan:
             nvflare_tasks=3,
             nvflare_sizes_mib=(1,),
         )
+
+    def available(self) -> None:
+        """Keep only the event loops installed here."""
+        installed = available_backends()
+        self.backends = tuple(b for b in self.backends if b in installed)
+        self.scale_backends = tuple(b for b in self.scale_backends if b in installed)
 
     def enlarge(self) -> None:
         """``--large``: 1 GiB models, 10,000 agents."""
@@ -116,8 +123,8 @@ def steps(plan: Plan, only: set[str]) -> Iterator[Step]:
     if "latency" in only:
         for backend in plan.backends:
             for transport in plan.transports:
-                agents = ("async", "sync") if transport in plan.sync_transports else ("async",)
-                for agent in agents:
+                kinds = ("async", "sync") if transport in plan.sync_transports else ("async",)
+                for agent in kinds:
                     yield (
                         "latency",
                         f"small tasks, {transport}, {backend}, {agent} agent",
@@ -138,11 +145,11 @@ def steps(plan: Plan, only: set[str]) -> Iterator[Step]:
                     )
     if "scale" in only:
         for backend in plan.scale_backends:
-            for agents in plan.agents:
+            for count in plan.agents:
                 yield (
                     "scale",
-                    f"{agents:,} agents, {backend}",
-                    lambda n=agents, b=backend: scale.measure(n, b, plan.idle_s, plan.rounds),
+                    f"{count:,} agents, {backend}",
+                    lambda n=count, b=backend: scale.measure(n, b, plan.idle_s, plan.rounds),
                 )
     if "nvflare" in only and nvflare_ipc.unavailable() is None:
         yield (
@@ -193,7 +200,11 @@ def environment() -> dict[str, Any]:
 
 def run(plan: Plan, only: set[str], console: Console) -> dict[str, Any]:
     """Measure every step of the plan, showing progress; the figures, by scenario."""
-    figures: dict[str, Any] = {"environment": environment(), "plan": plan.__dict__.copy()}
+    figures: dict[str, Any] = {
+        "environment": environment(),
+        "plan": plan.__dict__.copy(),
+        "errors": [],
+    }
     for scenario in SCENARIOS:
         figures[scenario] = [] if scenario in only else None
     if "nvflare" in only and (reason := nvflare_ipc.unavailable()) is not None:
@@ -211,9 +222,16 @@ def run(plan: Plan, only: set[str], console: Console) -> dict[str, Any]:
         bar = progress.add_task("benchmarks", total=len(todo))
         for scenario, description, measure in todo:
             progress.update(bar, description=description)
-            row = measure()
-            figures[scenario].append(row)
-            console.print(f"[dim]{scenario:10}[/] {description}: {summarise(scenario, row)}")
+            try:
+                row = measure()
+            except ChildFailed as exc:  # one broken step does not cost the run
+                figures["errors"].append(
+                    {"scenario": scenario, "step": description, "error": str(exc)}
+                )
+                console.print(f"[red]{scenario:10} {description}: failed: {exc}[/]")
+            else:
+                figures[scenario].append(row)
+                console.print(f"[dim]{scenario:10}[/] {description}: {summarise(scenario, row)}")
             progress.advance(bar)
     figures["seconds"] = time.perf_counter() - started
     return figures
@@ -243,6 +261,10 @@ def summarise(scenario: str, row: dict[str, Any]) -> str:
     return f"{row['gbytes_per_s']:.2f} GB/s, agent RSS {row['agent_rss_x']:.2f}x"
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -266,12 +288,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
+    default_docs = os.path.join(ROOT, "docs")
+    if args.report and args.quick and os.path.abspath(args.docs) == default_docs:
+        parser.error("--quick figures are a smoke test: --report them elsewhere with --docs DIR")
+    signal.signal(signal.SIGTERM, _terminate)  # unwind, so that no benchmark process is left
     if args.from_json:
         with open(args.from_json) as saved:
             figures = json.load(saved)
     else:
         plan = Plan.quick() if args.quick else Plan()
+        plan.available()
         if args.large:
             plan.enlarge()
         if args.repeats:
@@ -279,8 +306,6 @@ def main(argv: list[str] | None = None) -> None:
         figures = run(plan, set(args.only), console)
         command = sys.argv[1:] if argv is None else argv
         figures["command"] = " ".join(["python -m benchmarks", *command])
-    from benchmarks import report
-
     report.check_targets(figures)
     print(report.markdown_tables(figures))
     if args.json:

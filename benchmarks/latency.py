@@ -14,21 +14,24 @@ TCP stream on the same event loop, the same over raw blocking sockets, and one b
 from __future__ import annotations
 
 import argparse
-import os
 import socket
-import ssl
+import statistics
 import tempfile
 import time
 from typing import Any
 
 from benchmarks._harness import (
     Child,
+    agent_options,
+    anyio_backend,
     available_backends,
     cpu_seconds,
+    echo_trainer,
     emit,
     report_usage,
     run_on,
     site_and_agent,
+    site_options,
     site_url,
     spread,
     usage,
@@ -41,54 +44,36 @@ PING = b"x" * 100
 # -- ours -----------------------------------------------------------------------------------------
 
 
-def _tls_site_context(folder: str) -> ssl.SSLContext:
-    """A throwaway CA and a certificate for 127.0.0.1; the CA lands in ``folder/ca.pem``."""
-    import trustme
-
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(os.path.join(folder, "ca.pem"))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    return context
+async def _time_tasks(site: Any, tasks: int, repeats: int) -> None:
+    """Small tasks one after another on agent a1, after a warm-up; reports µs and site CPU."""
+    await site.wait_for_agent("a1", timeout=60)
+    for n in range(max(tasks // 10, 1)):
+        await site.run_task("a1", "ping", {"n": n})
+    per_task, cpu = [], []
+    for _ in range(repeats):
+        started, cpu_started = time.perf_counter(), cpu_seconds()
+        for n in range(tasks):
+            await site.run_task("a1", "ping", {"n": n})
+        per_task.append((time.perf_counter() - started) / tasks * 1e6)
+        cpu.append((cpu_seconds() - cpu_started) / tasks * 1e3)
+    emit(task_us=per_task, site_cpu_ms_per_task=statistics.median(cpu))
 
 
 async def _site(url: str, tasks: int, repeats: int, folder: str) -> None:
     from flare_agent_async import FlareSite
 
-    context = _tls_site_context(folder) if url.startswith("tls:") else None
     async with FlareSite("bench") as site:
-        emit(url=await site.listen(url, ssl_context=context))
-        await site.wait_for_agent("a1", timeout=60)
-        for n in range(max(tasks // 10, 1)):
-            await site.run_task("a1", "ping", {"n": n})
-        per_task, cpu = [], []
-        for _ in range(repeats):
-            started, cpu_started = time.perf_counter(), cpu_seconds()
-            for n in range(tasks):
-                await site.run_task("a1", "ping", {"n": n})
-            per_task.append((time.perf_counter() - started) / tasks * 1e6)
-            cpu.append((cpu_seconds() - cpu_started) / tasks * 1e3)
-        emit(task_us=per_task, site_cpu_ms_per_task=min(cpu))
-
-
-def _agent_options(url: str, folder: str) -> dict[str, Any]:
-    if not url.startswith("tls:"):
-        return {}
-    from flare_agent_async.tls import client_context
-
-    return {"ssl_context": client_context(os.path.join(folder, "ca.pem"))}
+        emit(url=await site.listen(url, **site_options(url, folder)))
+        await _time_tasks(site, tasks, repeats)
 
 
 async def _async_agent(url: str, folder: str) -> None:
-    from flare_agent_async import AsyncFlareAgent, TaskResult
+    from flare_agent_async import AsyncFlareAgent
 
-    tasks = 0
-    options = _agent_options(url, folder)
+    options = agent_options(url, folder)
     async with AsyncFlareAgent(url, agent_id="a1", site_name="bench", **options) as agent:
         cpu_started = cpu_seconds()
-        async for task in agent.tasks():
-            await agent.submit_result(TaskResult({}, task.data))
-            tasks += 1
+        tasks = await echo_trainer(agent)
     emit(agent_cpu_ms_per_task=(cpu_seconds() - cpu_started) / max(tasks, 1) * 1e3)
 
 
@@ -96,7 +81,7 @@ def _sync_agent(url: str, backend: str, folder: str) -> None:
     from flare_agent_async import SyncFlareAgent, TaskResult
 
     tasks = 0
-    options = _agent_options(url, folder)
+    options = agent_options(url, folder)
     with SyncFlareAgent(url, agent_id="a1", site_name="bench", backend=backend, **options) as agent:
         cpu_started = cpu_seconds()
         for task in agent.tasks():
@@ -109,26 +94,15 @@ async def _in_memory(tasks: int, repeats: int) -> None:
     """Site and agent in this one process over ``memory://``."""
     import anyio
 
-    from flare_agent_async import AsyncFlareAgent, FlareSite, TaskResult
+    from flare_agent_async import AsyncFlareAgent, FlareSite
 
     async def trainer(url: str) -> None:
         async with AsyncFlareAgent(url, agent_id="a1", site_name="bench") as agent:
-            async for task in agent.tasks():
-                await agent.submit_result(TaskResult({}, task.data))
+            await echo_trainer(agent)
 
     async with anyio.create_task_group() as group, FlareSite("bench") as site:
         group.start_soon(trainer, await site.listen("memory://"))
-        await site.wait_for_agent("a1", timeout=10)
-        for n in range(max(tasks // 10, 1)):
-            await site.run_task("a1", "ping", {"n": n})
-        per_task, cpu = [], []
-        for _ in range(repeats):
-            started, cpu_started = time.perf_counter(), cpu_seconds()
-            for n in range(tasks):
-                await site.run_task("a1", "ping", {"n": n})
-            per_task.append((time.perf_counter() - started) / tasks * 1e6)
-            cpu.append((cpu_seconds() - cpu_started) / tasks * 1e3)
-    emit(task_us=per_task, site_cpu_ms_per_task=min(cpu))
+        await _time_tasks(site, tasks, repeats)
 
 
 def ours(transport: str, backend: str, agent: str, tasks: int, repeats: int) -> dict[str, Any]:
@@ -140,7 +114,8 @@ def ours(transport: str, backend: str, agent: str, tasks: int, repeats: int) -> 
             raise ValueError("memory:// joins a site and an agent on one event loop: async only")
         with Child("latency", "memory", *common) as both:
             records = both.finish()
-        row.update(site=usage(records), agent=usage(records), agent_cpu_ms_per_task=0.0)
+        # One process: its CPU per task is both sides', counted as the site's.
+        row.update(site=usage(records), agent=usage(records), agent_cpu_ms_per_task=None)
     else:
         with tempfile.TemporaryDirectory(prefix="flare-bench-") as folder:
             site_records, agent_records = site_and_agent(
@@ -239,8 +214,7 @@ def _portal_calls(backend: str, count: int, repeats: int) -> None:
     async def nothing() -> None:
         return None
 
-    name, options = ("asyncio", {"use_uvloop": True}) if backend == "uvloop" else (backend, {})
-    with anyio.from_thread.start_blocking_portal(name, options) as portal:
+    with anyio.from_thread.start_blocking_portal(*anyio_backend(backend)) as portal:
         for _ in range(max(count // 10, 1)):
             portal.call(nothing)
         per_call = []

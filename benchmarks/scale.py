@@ -6,7 +6,7 @@ and the agents' memory per connected agent, the site's CPU while every agent is 
 heartbeats on (default heartbeat interval, 5 s), and the time to dispatch one small task to every
 agent at once and collect every result.
 
-    python -m benchmarks.scale [--agents 100 1000] [--idle 10] [--rounds 3]
+    python -m benchmarks.scale [--agents 100 1000] [--idle-s 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Any
 from benchmarks._harness import (
     Child,
     cpu_seconds,
+    echo_trainer,
     emit,
+    finish_together,
     raise_fd_limit,
     report_usage,
     rss_bytes,
@@ -30,12 +32,12 @@ from benchmarks._harness import (
 AGENT_PROCESSES = 2
 
 
-async def _site(agents: int, idle: float, rounds: int) -> None:
+async def _site(agents: int, idle_s: float, rounds: int) -> None:
     import anyio
 
     from flare_agent_async import FlareSite
 
-    raise_fd_limit()
+    raise_fd_limit(agents + 64)
     async with FlareSite("bench") as site:
         url = await site.listen("tcp://127.0.0.1:0")
         before = rss_bytes()
@@ -46,8 +48,8 @@ async def _site(agents: int, idle: float, rounds: int) -> None:
         connected_s = time.perf_counter() - started
         per_agent = (rss_bytes() - before) / agents
         cpu_before = cpu_seconds()
-        await anyio.sleep(idle)  # the measurement: what an idle site costs
-        idle_percent = (cpu_seconds() - cpu_before) / idle * 100
+        await anyio.sleep(idle_s)  # the measurement: what an idle site costs
+        idle_percent = (cpu_seconds() - cpu_before) / idle_s * 100
         dispatch = []
         for _ in range(rounds):
             results = 0
@@ -75,9 +77,9 @@ async def _site(agents: int, idle: float, rounds: int) -> None:
 async def _agents(url: str, first: int, count: int) -> None:
     import anyio
 
-    from flare_agent_async import AsyncFlareAgent, TaskResult
+    from flare_agent_async import AsyncFlareAgent
 
-    raise_fd_limit()
+    raise_fd_limit(count + 64)
     before = rss_bytes()
     connected = 0
     all_connected = anyio.Event()
@@ -92,8 +94,7 @@ async def _agents(url: str, first: int, count: int) -> None:
             connected += 1
             if connected == count:
                 all_connected.set()
-            async for task in agent.tasks():
-                await agent.submit_result(TaskResult({}, task.data))
+            await echo_trainer(agent)
 
     async with anyio.create_task_group() as group:
         for n in range(first, first + count):
@@ -105,11 +106,11 @@ async def _agents(url: str, first: int, count: int) -> None:
         )
 
 
-def measure(agents: int, backend: str, idle: float, rounds: int) -> dict[str, Any]:
+def measure(agents: int, backend: str, idle_s: float, rounds: int) -> dict[str, Any]:
     """One site and ``agents`` agents spread over a few processes; one row of figures."""
     common = ("--backend", backend)
-    site_args = ("--agents", str(agents), "--idle", str(idle), "--rounds", str(rounds))
-    timeout = 120 + agents / 50 + idle + rounds * 30
+    site_args = ("--agents", str(agents), "--idle-s", str(idle_s), "--rounds", str(rounds))
+    timeout = 120 + agents / 50 + idle_s + rounds * 30
     with Child("scale", "site", *common, *site_args) as site_process:
         url = site_process.expect("url")
         shares = [
@@ -123,8 +124,7 @@ def measure(agents: int, backend: str, idle: float, rounds: int) -> dict[str, An
             if c
         ]
         try:
-            site = site_process.finish(timeout)
-            records = [child.finish(timeout) for child in children]
+            site, *records = finish_together([site_process, *children], timeout)
         finally:
             for child in children:
                 child.kill()
@@ -132,10 +132,11 @@ def measure(agents: int, backend: str, idle: float, rounds: int) -> dict[str, An
         "agents": agents,
         "backend": backend,
         "connect_s": max(record["connect_s"] for record in records),
+        "site_connected_s": site["site_connected_s"],
         "site_kib_per_agent": site["site_kib_per_agent"],
         "agent_kib_per_agent": max(record["agent_kib_per_agent"] for record in records),
         "idle_cpu_percent": site["idle_cpu_percent"],
-        "idle_s": idle,
+        "idle_s": idle_s,
         "dispatch_s": spread(site["dispatch_s"]),
         "site": usage(site),
         "agents_processes": [usage(record) for record in records],
@@ -145,14 +146,14 @@ def measure(agents: int, backend: str, idle: float, rounds: int) -> dict[str, An
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__)
     parser.add_argument("--agents", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", nargs="+", default=["asyncio", "trio"])
     for hidden in ("--role", "--url", "--first", "--count", "--backend"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "site":
-        run_on(args.backend, _site, args.agents[0], args.idle, args.rounds)
+        run_on(args.backend, _site, args.agents[0], args.idle_s, args.rounds)
         report_usage()
         return
     if args.role == "agents":
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     for backend in args.backends:
         for agents in args.agents:
-            row = measure(agents, backend, args.idle, args.rounds)
+            row = measure(agents, backend, args.idle_s, args.rounds)
             print(
                 f"{backend:8} {agents:6} agents: connect {row['connect_s']:.2f} s, "
                 f"site {row['site_kib_per_agent']:.1f} KiB/agent, "

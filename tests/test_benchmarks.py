@@ -76,9 +76,9 @@ def test_the_figures_are_sane(quick: dict[str, Any]) -> None:
     for row in quick["throughput"] + [r for r in quick["floor"] if "mib" in r]:
         assert positive(row["gbytes_per_s"]) and row["gbytes_per_s"] < 1000
         # A received model has to exist somewhere, and never many times over (small models
-        # are lost in the noise of a process's own allocations: 16 MiB of slack).
+        # are lost in the noise of a process's own allocations and frees: 16 MiB of slack).
         for process in ("site", "agent"):
-            assert 0 < row[f"{process}_rss_x"] * row["mib"] < 3 * row["mib"] + 16
+            assert -16 < row[f"{process}_rss_x"] * row["mib"] < 3 * row["mib"] + 16
     for row in quick["scale"]:
         assert positive(row["connect_s"]) and positive(row["dispatch_s"]["median"])
         assert 0 < row["site_kib_per_agent"] < 1024

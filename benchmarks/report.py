@@ -404,12 +404,19 @@ def plots(figures: dict[str, Any], folder: str) -> list[str]:
                 )
             for row in nvflare:
                 series.setdefault("NVFlare IPCAgent", []).append((row["mib"], row[metric]))
+            colours = {"tcp": "C0", "unix": "C1", "tls": "C2"}  # by transport
+            markers = {"asyncio": "o", "uvloop": "s", "trio": "^"}  # by event loop
             for key, points in series.items():
                 points.sort()
-                style = "--" if key.startswith("raw") else ":" if key.startswith("NV") else "-"
-                ax.plot(
-                    [p[0] for p in points], [p[1] for p in points], style, marker="o", label=key
-                )
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                if key.startswith("NV"):
+                    ax.plot(xs, ys, ":", color="black", marker="x", label=key)
+                elif key.startswith("raw"):
+                    ax.plot(xs, ys, "--", color=colours[key.split()[1]], label=key)
+                else:
+                    transport, backend = key.split(", ")
+                    colour, marker = colours[transport], markers.get(backend, "o")
+                    ax.plot(xs, ys, "-", color=colour, marker=marker, label=key)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("model size, MiB")
             ax.set_ylabel(label)

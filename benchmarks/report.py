@@ -554,9 +554,11 @@ each one the same work per message as above; a longer interval costs proportiona
 Each connection holds its protocol state, a few tasks of the event loop and its read buffers
 (which start small and grow only while reads fill them).""",
     "sync facade": """
-The facade's two crossings per task are single trips into the agent's event loop and back;
-what remains above two portal calls is the trainer thread and the loop thread taking turns at
-the interpreter lock.""",
+The facade's two crossings per task (`get_task`, `submit_result`) are single trips into the
+agent's event loop and back, where a portal call makes two; a bare portal call on this machine
+is itself mostly the two threads waking each other. What the facade adds beyond two of them is
+spread over the same wake-ups plus the call's task in the loop; profiling did not single out a
+cause inside the library.""",
     "raw-socket floor": """
 The floor's own figure swings widely between runs on this machine: fresh memory is slow to
 touch here, and a model received into new memory pays for it, on both sides of the

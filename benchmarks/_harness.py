@@ -102,14 +102,24 @@ class ChildFailed(RuntimeError):
     """A benchmark process exited with an error, or did not answer in time."""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child is killed when the runner dies, however it dies."""
+def _parent_death_signal() -> Any:
+    """Linux's prctl, looked up before any fork (a forked child must not import)."""
+    if sys.platform != "linux":
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _parent_death_signal()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """The child is killed when the runner dies, however it dies (PR_SET_PDEATHSIG)."""
+    _PRCTL(1, signal.SIGKILL)
 
 
 class Child:
@@ -129,7 +139,7 @@ class Child:
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None,
         )
         self.records: dict[str, Any] = {}
         self._lines: queue.Queue[str | None] = queue.Queue()

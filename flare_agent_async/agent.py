@@ -263,6 +263,12 @@ class AsyncFlareAgent:
                 task = self._protocol.fetch_task()
         return task
 
+    def _task_ready(self) -> Task | None:
+        """The next task if one is already here, without waiting (the sync facade's fast path:
+        `get_task` with a task ready, run in the loop without starting a task for the call)."""
+        self._check_started()
+        return self._protocol.fetch_task()
+
     async def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result and wait until the site acknowledges it.
 

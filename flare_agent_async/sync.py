@@ -67,15 +67,22 @@ class _Call:
         "cancelled",
         "done",
         "error",
+        "fast",
         "finished",
         "function",
         "result",
         "scope",
     )
 
-    def __init__(self, function: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        function: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        fast: Callable[[], Any] | None = None,
+    ) -> None:
         self.function = function
         self.args = args
+        self.fast = fast
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -170,6 +177,15 @@ class _Runner:
 
     def _begin(self, call: _Call) -> None:  # in the loop
         assert self._group is not None
+        if call.fast is not None and not call.cancelled:
+            try:
+                call.result = call.fast()
+            except Exception as exc:
+                call.error = exc
+            if call.result is not None or call.error is not None:
+                call.finished = True
+                call.done.set()
+                return
         try:
             self._group.start_soon(self._perform, call)
         except RuntimeError:  # the agent's task group has just ended
@@ -201,8 +217,17 @@ class _Runner:
         if call.scope is not None:
             call.scope.cancel()
 
-    def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    def call(
+        self,
+        function: Callable[..., Awaitable[T]],
+        *args: Any,
+        fast: Callable[[], T | None] | None = None,
+    ) -> T:
         """Run ``function(*args)`` in the agent's loop and wait for it.
+
+        ``fast``, if given, is tried first in the loop, as a plain call: a result other than
+        None is the answer, with no task started for the call (`get_task` when a task is
+        already here, the common case of a training loop).
 
         Interrupted while waiting (``KeyboardInterrupt``), the call is cancelled there, the
         async way, before the interruption goes on.
@@ -215,7 +240,7 @@ class _Runner:
                 "a blocking call from the agent's own thread (an abort callback?) would wait "
                 "forever; abort callbacks must not block"
             )
-        call = _Call(function, args)
+        call = _Call(function, args, fast)
         with self._calls_lock:
             if self._schedule is None:  # the loop thread has ended
                 raise AgentClosed("the agent is stopped")
@@ -349,7 +374,7 @@ class SyncFlareAgent(FlareAgent):
         :raises ValueError: ``timeout`` is not positive.
         """
         check_timeout(timeout)
-        return self._running().call(self._agent.get_task, timeout)
+        return self._running().call(self._agent.get_task, timeout, fast=self._agent._task_ready)
 
     def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result; blocks until the site acknowledged it.

@@ -464,3 +464,33 @@ def test_stop_after_a_stop_from_an_abort_callback_joins_the_thread() -> None:
         assert not agent._runner.thread.is_alive(), "stop() returned before the thread ended"  # type: ignore[union-attr]
         with pytest.raises(Exception, match="aborted"):
             future.result(10)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_task_already_here_is_handed_over_without_a_task_in_the_loop(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The common case of a training loop (the next task arrives with the acknowledgement of the
+    last result): get_task takes its one crossing and starts nothing in the agent's loop."""
+    from flare_agent_async.sync import _Runner
+
+    performed: list[str] = []
+    perform = _Runner._perform
+
+    async def counting(self: _Runner, call: Any) -> None:
+        performed.append(call.function.__name__)
+        await perform(self, call)
+
+    monkeypatch.setattr(_Runner, "_perform", counting)
+    with site_thread() as site, make(site.url, backend=backend) as agent:
+        future = site.run_task_soon("a1", 1)
+        deadline = time.monotonic() + 10
+        while not agent._agent._protocol.has_pending_task:  # bounded: the task is on its way
+            assert time.monotonic() < deadline, "the task did not reach the agent within 10 s"
+            time.sleep(0.001)
+        task = agent.get_task(timeout=10)
+        assert task is not None and task.data == 1
+        assert "get_task" not in performed
+        assert agent.submit_result(OK)
+        assert future.result(10).data == {"ok": True}
+        assert performed == ["submit_result"]  # a result waits for its acknowledgement

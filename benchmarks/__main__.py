@@ -49,7 +49,7 @@ class Plan:
     backends: tuple[str, ...] = field(default_factory=lambda: tuple(available_backends()))
     sizes_mib: tuple[float, ...] = (1, 64, 512)
     throughput_transports: tuple[str, ...] = throughput.TRANSPORTS
-    throughput_repeats: int = 3
+    throughput_repeats: int = 5  # fresh memory is slow to touch here: more runs, a steadier median
     agents: tuple[int, ...] = (100, 1000)
     scale_backends: tuple[str, ...] = ("asyncio", "trio")
     idle_s: float = 10.0

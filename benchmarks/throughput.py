@@ -1,7 +1,8 @@
 """A large model out and back: the site sends N MiB of float32 arrays to an agent, which returns
 them; next to the floor, the same bytes out and back over raw blocking sockets.
 
-Every side runs in a process of its own, so each process's peak RSS is its own. Memory is the
+Every side runs in a process of its own, so each process's peak RSS is its own. One transfer
+warms up before the measured ones, on both sides of the comparison. Memory is the
 peak RSS growth during the transfers over the payload size: the site's model is built before it is
 measured, so 1.0x at either end is the received copy, which has to exist somewhere.
 
@@ -51,6 +52,7 @@ async def _site(url: str, mib: float, repeats: int, folder: str) -> None:
         emit(url=await site.listen(url, **site_options(url, folder)))
         await site.wait_for_agent("agent", timeout=60)
         data = payload(mib)
+        await site.run_task("agent", "echo", data)  # a warm-up, as the floor has one
         seconds, growth = [], []
         for _ in range(repeats):
             reset_peak_rss()
@@ -128,15 +130,16 @@ def _floor_client(address: str, mib: float, repeats: int) -> None:
     sock.connect(address if family == socket.AF_UNIX else ("127.0.0.1", int(address)))
     data = np.ones(int(mib * 2**20), dtype=np.uint8)  # the model's bytes, in one piece
     seconds, growth = [], []
-    for _ in range(repeats):
+    for repeat in range(-1, repeats):  # -1: a warm-up, not counted
         reset_peak_rss()
         before = rss_bytes()
         started = time.perf_counter()
         sock.sendall(struct.pack("<Q", data.nbytes))
         sock.sendall(memoryview(data))
         back = _receive_exactly(sock, data.nbytes)
-        seconds.append(time.perf_counter() - started)
-        growth.append(peak_rss_bytes() - before)
+        if repeat >= 0:
+            seconds.append(time.perf_counter() - started)
+            growth.append(peak_rss_bytes() - before)
         del back
     sock.close()
     emit(seconds=seconds, rss_growth=statistics.median(growth))

@@ -64,6 +64,21 @@ def fedavg_job(
     return job
 
 
+def ipc_exchanger_job(initial_model: Path) -> FedJob:
+    """The same job with NVFlare's stock IPCExchanger on each client (agent id ``trainer``,
+    heartbeats every second), each client's cell URL written to ``cell_url.txt``."""
+    from cell_url_reporter import CellURLReporter
+    from nvflare.app_common.executors.ipc_exchanger import IPCExchanger
+
+    return fedavg_job(
+        "ipc_exchanger",
+        IPCExchanger(agent_heartbeat_interval=1.0),
+        initial_model,
+        meta={"agent_id": "trainer"},
+        components={"cell_url_reporter": CellURLReporter()},
+    )
+
+
 def allow_our_classes(workspace: Path) -> None:
     """The sites' class allow-list: NVFlare's defaults and this package."""
     local = workspace / "local"

@@ -26,8 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import _jobs
 import numpy as np
-from cell_url_reporter import CellURLReporter
-from nvflare.app_common.executors.ipc_exchanger import IPCExchanger
 
 from flare_agent_async.nvflare import AgentExecutor
 
@@ -73,13 +71,7 @@ def run_agent_executor(tmp: Path) -> Timing:
 
 
 def run_ipc_exchanger(tmp: Path, trainer: Callable[[str, str], list[str]]) -> Timing:
-    job = _jobs.fedavg_job(
-        "ipc_exchanger",
-        IPCExchanger(agent_heartbeat_interval=1.0),
-        tmp / "initial.npz",
-        meta={"agent_id": "trainer"},
-        components={"cell_url_reporter": CellURLReporter()},
-    )
+    job = _jobs.ipc_exchanger_job(tmp / "initial.npz")
     started = time.monotonic()
     process, workspace = _jobs.start_simulator(job, tmp)
     trainers = []

@@ -17,8 +17,6 @@ import pytest
 pytest.importorskip("nvflare")
 
 import _jobs
-from cell_url_reporter import CellURLReporter
-from nvflare.app_common.executors.ipc_exchanger import IPCExchanger
 
 from flare_agent_async.nvflare import AgentExecutor
 
@@ -55,13 +53,7 @@ def test_agent_executor_runs_a_job_on_launched_agents(tmp_path: Path) -> None:
 def test_our_agents_serve_a_stock_ipc_exchanger_job(tmp_path: Path) -> None:
     out_dir = tmp_path / "trainers"
     out_dir.mkdir()
-    job = _jobs.fedavg_job(
-        "ipc_exchanger",
-        IPCExchanger(agent_heartbeat_interval=1.0),
-        tmp_path / "initial.npz",
-        meta={"agent_id": "trainer"},
-        components={"cell_url_reporter": CellURLReporter()},
-    )
+    job = _jobs.ipc_exchanger_job(tmp_path / "initial.npz")
     started = time.monotonic()
     process, workspace = _jobs.start_simulator(job, tmp_path)
     trainers = []

@@ -59,6 +59,21 @@ def site_thread() -> Iterator[SiteThread]:
             yield SiteThread(portal, site, url)
 
 
+def run_script(script: str, hang: str) -> subprocess.CompletedProcess[str]:
+    """Run a Python script from the repository root, for 10 s at most; ``hang`` says what it
+    means if it does not end."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=str(Path(__file__).parent.parent),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(hang)
+
+
 def make(url: str, **options: Any) -> SyncFlareAgent:
     return SyncFlareAgent(url, agent_id="a1", site_name="site-1", **options)
 
@@ -162,8 +177,19 @@ def test_two_threads_calling_get_task_get_one_task_and_one_call_state_error() ->
         future.result(10)
 
 
+@contextmanager
+def python_ctrl_c() -> Iterator[None]:
+    """Python's own Ctrl-C handler, even where the suite was started with SIGINT ignored (as a
+    shell's background job is): otherwise an interrupt sent by a test never comes."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_keyboard_interrupt_while_blocked_loses_nothing_and_the_agent_still_stops() -> None:
-    with site_thread() as site:
+    with python_ctrl_c(), site_thread() as site:
         agent = make(site.url)
         agent.start()
         main = threading.main_thread().ident
@@ -374,6 +400,7 @@ probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname(
 url = f"tcp://127.0.0.1:{port}"
 agent = SyncFlareAgent(url, agent_id="a1", site_name="site-1", connect_timeout=60)
 main = threading.main_thread().ident
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
 threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
 def site():
     with anyio.from_thread.start_blocking_portal() as portal:
@@ -392,18 +419,9 @@ os._exit(0)
     script = script.replace(
         "threading.Thread(target=site, daemon=True).start()", "threading.Timer(1.0, site).start()"
     )
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=str(Path(__file__).parent.parent),
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(
-            "start() interrupted by Ctrl-C never returned (joins a thread that waits forever)"
-        )
+    done = run_script(
+        script, "start() interrupted by Ctrl-C never returned (joins a thread that waits forever)"
+    )
     assert "interrupted" in done.stdout, done.stderr
 
 
@@ -429,16 +447,7 @@ with site_thread() as site:
     print("stopped", flush=True)
     os._exit(0)
 """
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=str(Path(__file__).parent.parent),
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("stop() from a signal handler during stop() deadlocked")
+    done = run_script(script, "stop() from a signal handler during stop() deadlocked")
     assert "stopped" in done.stdout, done.stderr
 
 

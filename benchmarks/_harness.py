@@ -9,6 +9,7 @@ process's peak RSS and CPU seconds, measured by the process itself.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
@@ -340,3 +341,17 @@ async def echo_trainer(agent: Any) -> int:
         del task  # a model is held by the agent only until it is sent
         count += 1
     return count
+
+
+def role_arguments(module: str, argv: list[str] | None, **options: type) -> argparse.Namespace:
+    """The arguments the runner gives one process of a scenario (``--role`` and ``options``,
+    each with its type). These modules are not run by hand: ``python -m benchmarks --only``."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{module}",
+        description=f"One process of the {module} benchmarks, started by the runner: measure "
+        f"them with `python -m benchmarks --only {module}`.",
+    )
+    parser.add_argument("--role", required=True)
+    for name, kind in options.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind)
+    return parser.parse_args(argv)

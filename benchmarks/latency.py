@@ -8,7 +8,7 @@ The floors, measured in the same run: a 100-byte ping-pong between two processes
 TCP stream on the same event loop, the same over raw blocking sockets, and one bare
 `BlockingPortal.call` (what a thread crossing costs: the sync facade's yardstick).
 
-    python -m benchmarks.latency [--tasks 3000] [--repeats 3]
+    python -m benchmarks --only latency floor
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from benchmarks._harness import (
     Child,
     agent_options,
     anyio_backend,
-    available_backends,
     cpu_seconds,
     echo_trainer,
     emit,
     report_usage,
+    role_arguments,
     run_on,
     site_and_agent,
     site_options,
@@ -285,25 +285,11 @@ def role(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__)
-    parser.add_argument("--tasks", type=int, default=3000)
-    parser.add_argument("--repeats", type=int, default=3)
-    for hidden in ("--role", "--url", "--folder", "--port", "--backend"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.role:
-        if args.port:
-            args.port = int(args.port)
-        return role(args)
-    for backend in available_backends():
-        floor = ping_pong(backend, args.tasks, args.repeats)["us"]["median"]
-        for transport in TRANSPORTS:
-            row = ours(transport, backend, "async", args.tasks, args.repeats)
-            print(
-                f"{transport:6} {backend:8} {row['task_us']['median']:8.1f} µs per task "
-                f"({row['task_us']['median'] / floor:.1f}x the anyio tcp ping-pong, {floor:.1f} µs)"
-            )
-    return None
+    role(
+        role_arguments(
+            "latency", argv, url=str, folder=str, port=int, backend=str, tasks=int, repeats=int
+        )
+    )
 
 
 if __name__ == "__main__":

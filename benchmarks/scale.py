@@ -6,12 +6,11 @@ and the agents' memory per connected agent, the site's CPU while every agent is 
 heartbeats on (default heartbeat interval, 5 s), and the time to dispatch one small task to every
 agent at once and collect every result.
 
-    python -m benchmarks.scale [--agents 100 1000] [--idle-s 10] [--rounds 3]
+    python -m benchmarks --only scale [--large]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from benchmarks._harness import (
     finish_together,
     raise_fd_limit,
     report_usage,
+    role_arguments,
     rss_bytes,
     run_on,
     spread,
@@ -144,31 +144,24 @@ def measure(agents: int, backend: str, idle_s: float, rounds: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__)
-    parser.add_argument("--agents", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--idle-s", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=["asyncio", "trio"])
-    for hidden in ("--role", "--url", "--first", "--count", "--backend"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = role_arguments(
+        "scale",
+        argv,
+        url=str,
+        backend=str,
+        agents=int,
+        idle_s=float,
+        rounds=int,
+        first=int,
+        count=int,
+    )
     if args.role == "site":
-        run_on(args.backend, _site, args.agents[0], args.idle_s, args.rounds)
-        report_usage()
-        return
-    if args.role == "agents":
-        run_on(args.backend, _agents, args.url, int(args.first), int(args.count))
-        report_usage()
-        return
-    for backend in args.backends:
-        for agents in args.agents:
-            row = measure(agents, backend, args.idle_s, args.rounds)
-            print(
-                f"{backend:8} {agents:6} agents: connect {row['connect_s']:.2f} s, "
-                f"site {row['site_kib_per_agent']:.1f} KiB/agent, "
-                f"idle {row['idle_cpu_percent']:.2f}% of a core, "
-                f"dispatch-and-collect {row['dispatch_s']['median']:.3f} s"
-            )
+        run_on(args.backend, _site, args.agents, args.idle_s, args.rounds)
+    elif args.role == "agents":
+        run_on(args.backend, _agents, args.url, args.first, args.count)
+    else:
+        raise SystemExit(f"unknown role {args.role!r}")
+    report_usage()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,11 @@ warms up before the measured ones, on both sides of the comparison. Memory is th
 peak RSS growth during the transfers over the payload size: the site's model is built before it is
 measured, so 1.0x at either end is the received copy, which has to exist somewhere.
 
-    python -m benchmarks.throughput [--mib 512] [--repeats 3]
+    python -m benchmarks --only throughput floor
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import statistics
@@ -25,12 +24,13 @@ import numpy as np
 from benchmarks._harness import (
     Child,
     agent_options,
-    available_backends,
     emit,
+    finish_together,
     payload,
     peak_rss_bytes,
     report_usage,
     reset_peak_rss,
+    role_arguments,
     rss_bytes,
     run_on,
     site_and_agent,
@@ -180,8 +180,7 @@ def floor(transport: str, mib: float, repeats: int) -> dict[str, Any]:
             bound = echo.expect("address")
             common = ("--mib", str(mib), "--repeats", str(repeats))
             with Child("throughput", "floor-client", "--address", str(bound), *common) as client:
-                site = client.finish()
-                agent = echo.finish()
+                site, agent = finish_together([client, echo])
     return _row("floor", transport, "blocking", mib, site, agent)
 
 
@@ -197,37 +196,20 @@ def ours(transport: str, backend: str, mib: float, repeats: int) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
-    parser.add_argument("--mib", type=float, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    for hidden in ("--role", "--url", "--address", "--folder", "--backend"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.role:
-        if args.role == "site":
-            run_on(args.backend, _site, args.url, args.mib, args.repeats, args.folder)
-        elif args.role == "agent":
-            run_on(args.backend, _agent, args.url, args.folder)
-        elif args.role == "floor-echo":
-            _floor_echo(args.address)
-        elif args.role == "floor-client":
-            _floor_client(args.address, args.mib, args.repeats)
-        else:
-            raise SystemExit(f"unknown role {args.role!r}")
-        report_usage()
-        return
-    for transport in TRANSPORTS:
-        rows = [
-            ours(transport, backend, args.mib, args.repeats) for backend in available_backends()
-        ]
-        if transport != "tls":
-            rows.insert(0, floor(transport, args.mib, args.repeats))
-        for row in rows:
-            print(
-                f"{row['scenario']:18} {transport:5} {row['backend']:8} "
-                f"{row['gbytes_per_s']:5.2f} GB/s  RSS site {row['site_rss_x']:.2f}x "
-                f"agent {row['agent_rss_x']:.2f}x"
-            )
+    args = role_arguments(
+        "throughput", argv, url=str, address=str, folder=str, backend=str, mib=float, repeats=int
+    )
+    if args.role == "site":
+        run_on(args.backend, _site, args.url, args.mib, args.repeats, args.folder)
+    elif args.role == "agent":
+        run_on(args.backend, _agent, args.url, args.folder)
+    elif args.role == "floor-echo":
+        _floor_echo(args.address)
+    elif args.role == "floor-client":
+        _floor_client(args.address, args.mib, args.repeats)
+    else:
+        raise SystemExit(f"unknown role {args.role!r}")
+    report_usage()
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ class Connection:
         self._handled_while_sending = 0
         self._wakeup: anyio.Event | None = None  # set while the writer waits
         self._scope = anyio.CancelScope()
+        self._read_scope: anyio.CancelScope | None = None  # the reader's liveness deadline
         self._last_alive = 0.0  # when the peer was last heard from (the event loop's clock)
         self._draining = False
         self._error: BaseException | None = None
@@ -112,6 +113,13 @@ class Connection:
         wakeup, self._wakeup = self._wakeup, None
         if wakeup is not None:
             wakeup.set()
+
+    def read_timeout_changed(self) -> None:
+        """Re-arm the liveness deadline with what ``read_timeout()`` says now (a welcome told the
+        agent its site's heartbeat timeout: until then it waited as long as a connect may)."""
+        scope = self._read_scope
+        if scope is not None:
+            scope.deadline = self._last_alive + self._read_timeout()
 
     def close(self) -> None:
         """End the connection now, without flushing."""
@@ -236,7 +244,7 @@ class Connection:
             deadline = self._last_alive + self._read_timeout()
             if anyio.current_time() >= deadline:
                 raise PeerSilent(f"nothing arrived from the peer for {self._read_timeout():g} s")
-            with anyio.CancelScope(deadline=deadline):
+            with anyio.CancelScope(deadline=deadline) as self._read_scope:
                 while True:
                     message = await stream.receive()  # a cancellation here loses nothing
                     if not counts_bytes:

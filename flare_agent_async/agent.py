@@ -103,7 +103,8 @@ class AsyncFlareAgent:
         (see `flare_agent_async.tls.client_context`).
     :param limits: the largest frames this agent accepts.
     :param connect_timeout: how long `start` tries to connect before it gives up, in seconds.
-    :param reconnect_timeout: how long a dropped connection is retried before the agent closes.
+    :param reconnect_timeout: how long a dropped connection is retried, until a site welcomes
+        the agent again, before the agent closes.
     :param close_timeout: how long `stop` waits for submitted results to be acknowledged.
     :param max_backoff: the longest wait between two connection attempts, in seconds.
     :param on_progress: called with a `Progress` as large tasks and results move.
@@ -149,6 +150,8 @@ class AsyncFlareAgent:
         self._run_done: anyio.Event
         self._exit_on_stop = False
         self._host_task = 0
+        self._welcomes = 0  # how many times a site welcomed this agent
+        self._welcome_scope: anyio.CancelScope | None = None  # bounds a reconnect until welcomed
 
     @property
     def agent_id(self) -> str:
@@ -366,7 +369,12 @@ class AsyncFlareAgent:
             self._run_done.set()
 
     async def _run(self, *, task_status: TaskStatus[None]) -> None:
-        """Connect, serve the connection, reconnect; until the agent closes."""
+        """Connect, serve the connection, reconnect; until the agent closes.
+
+        A lost connection is retried for ``reconnect_timeout`` seconds until a site welcomes the
+        agent again: a connection that is accepted but never welcomed (a stopped site process's
+        kernel still accepts) does not restart the clock.
+        """
         protocol = self._protocol
         error = await self._serve(await self._connect(self._connect_timeout), task_status)
         if protocol.heartbeat_interval is None:  # never welcomed: tell start() why
@@ -375,14 +383,31 @@ class AsyncFlareAgent:
             if self._rejection is not None:
                 raise ConnectionRejected(self._rejection)
             raise TransportError(f"the connection closed before the site's welcome: {error}")
+        welcomes = self._welcomes
+        deadline = math.inf
         while protocol.state is not AgentState.CLOSED:
+            if self._welcomes != welcomes:  # welcomed since the last loss: the clock restarts
+                welcomes = self._welcomes
+                deadline = math.inf
+            if deadline == math.inf:
+                deadline = anyio.current_time() + self._reconnect_timeout
             logger.warning("agent %s lost its connection (%s); reconnecting", self.agent_id, error)
             try:
-                stream = await self._connect(self._reconnect_timeout)
+                stream = await self._connect(self._reconnect_timeout, deadline)
             except TransportError as exc:
                 self._close(f"the site is gone: {exc}", exc)
                 return
-            error = await self._serve(stream, None)
+            # Until the welcome, the reconnect deadline bounds this connection too.
+            with anyio.CancelScope(deadline=deadline) as self._welcome_scope:
+                error = await self._serve(stream, None)
+            self._welcome_scope = None
+            if self._welcomes == welcomes and anyio.current_time() >= deadline:
+                silent = TransportError(
+                    f"no welcome from {self._connector.url} within "
+                    f"{self._reconnect_timeout:g} s of losing the connection ({error})"
+                )
+                self._close(f"the site is gone: {silent}", silent)
+                return
 
     async def _serve(
         self, stream: MessageStream, task_status: TaskStatus[None] | None
@@ -396,12 +421,17 @@ class AsyncFlareAgent:
         def handle(message: Message) -> None:
             events = protocol.receive(message)
             for event in events:
-                if isinstance(event, Welcomed) and task_status is not None:
-                    # From now on the connection outlives a cancelled ``async with`` body until
-                    # stop() ends it, so results submitted in that body are still delivered;
-                    # until now, cancelling start() cancels the connect.
-                    self._run_scope.shield = True
-                    task_status.started()
+                if isinstance(event, Welcomed):
+                    self._welcomes += 1
+                    connection.read_timeout_changed()  # the site's heartbeat timeout from now on
+                    if self._welcome_scope is not None:
+                        self._welcome_scope.deadline = math.inf
+                    if task_status is not None:
+                        # From now on the connection outlives a cancelled ``async with`` body
+                        # until stop() ends it, so results submitted in that body are still
+                        # delivered; until now, cancelling start() cancels the connect.
+                        self._run_scope.shield = True
+                        task_status.started()
                 elif isinstance(event, Rejected):
                     self._rejection = event.reason
                     logger.error("agent %s: %s", self.agent_id, protocol.close_reason)
@@ -448,9 +478,11 @@ class AsyncFlareAgent:
             protocol.connection_lost()
             self._notify()
 
-    async def _connect(self, timeout: float) -> MessageStream:
-        """Connect, retrying with exponential backoff and jitter for up to ``timeout`` seconds."""
-        deadline = anyio.current_time() + timeout
+    async def _connect(self, timeout: float, deadline: float | None = None) -> MessageStream:
+        """Connect, retrying with exponential backoff and jitter for up to ``timeout`` seconds
+        (or until ``deadline``, when the clock started earlier)."""
+        if deadline is None:
+            deadline = anyio.current_time() + timeout
         delay = 0.05
         error: BaseException | None = None
         while True:

@@ -186,19 +186,20 @@ async def test_stop_waits_for_submitted_results() -> None:
 
 
 async def test_an_idle_agent_keeps_its_connection_alive_with_heartbeats() -> None:
-    site_options = {"heartbeat_interval": 0.01, "heartbeat_timeout": 0.05}
+    # A timeout a loaded machine's scheduling delays cannot reach, and 50 intervals in it.
+    site_options = {"heartbeat_interval": 0.01, "heartbeat_timeout": 0.5}
     async with FlareSite("site-1", **site_options) as site:
         faulty = FaultyConnector(connector_for(await site.listen("memory://")))
         async with AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent:
-            # Idle for many heartbeat timeouts: until the site answered 20 heartbeats.
-            twentieth = anyio.Event()
-            for n in range(20):
+            # Idle for two heartbeat timeouts at least: until the site answered 100 heartbeats.
+            last = anyio.Event()
+            for n in range(100):
                 faulty.after_receive(
                     lambda message: isinstance(message, Heartbeat),
-                    twentieth.set if n == 19 else lambda: None,
+                    last.set if n == 99 else lambda: None,
                 )
-            with anyio.fail_after(10):
-                await twentieth.wait()
+            with anyio.fail_after(30):
+                await last.wait()
             assert faulty.connections == 1, "an idle connection was dropped"
             assert site.agents == frozenset({"a1"})
             assert agent.connected

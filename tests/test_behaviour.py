@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
@@ -30,6 +30,7 @@ from flare_agent_async import (
 from flare_agent_async.protocol import (
     Abort,
     Bye,
+    Hello,
     Log,
     PayloadType,
     Result,
@@ -39,6 +40,7 @@ from flare_agent_async.protocol import (
     register_payload_type,
 )
 from flare_agent_async.testing import ScriptedPeer
+from flare_agent_async.transports import MessageStream
 
 pytestmark = pytest.mark.anyio
 
@@ -208,6 +210,51 @@ async def test_a_silent_site_is_declared_dead_and_the_agent_closes(
             async for _ in agent.tasks():
                 pass
         await agent.stop()
+
+
+async def hold_silently(stream: MessageStream) -> None:
+    """Keep a connection open and read what comes, answering nothing."""
+    with suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        while True:
+            await stream.receive()
+
+
+async def test_a_site_that_holds_its_connections_and_goes_silent_is_declared_dead(
+    make_agent: MakeAgent, listen_url: str
+) -> None:
+    # A stopped site process looks like this: its connections stay open and nothing comes back,
+    # and a new connection is still accepted (by the kernel) but never welcomed.
+    heartbeat_timeout, reconnect_timeout = 0.5, 1.0
+    options = {"heartbeat_interval": 0.05, "heartbeat_timeout": heartbeat_timeout}
+    async with ScriptedPeer(url=listen_url, **options) as peer, anyio.create_task_group() as group:
+        agent = make_agent(
+            peer.url, agent_id="a1", site_name="site-1", reconnect_timeout=reconnect_timeout
+        )
+        stream = await peer.start_agent(agent, group)  # type: ignore[arg-type]
+        silent_since = anyio.current_time()  # the task is the last the agent hears
+        await stream.send(assign("t1", 1))
+        assert await agent.get_task(timeout=5) is not None
+        outcome: list[bool] = []
+
+        async def submit() -> None:
+            outcome.append(await agent.submit_result(OK))
+
+        group.start_soon(submit)
+        assert (await peer.receive_until(stream, Result)).task_id == "t1"
+        group.start_soon(hold_silently, stream)  # no acknowledgement, no heartbeat, no close
+        with anyio.fail_after(30):
+            again = await peer.accept()  # the agent gave up on the silent connection
+        reconnected_after = anyio.current_time() - silent_since
+        assert isinstance(await again.receive(), Hello)
+        group.start_soon(hold_silently, again)  # accepted, never welcomed
+        with anyio.fail_after(30), pytest.raises(AgentClosed, match="site is gone"):
+            await agent.get_task()
+        closed_after = anyio.current_time() - silent_since
+        await wait_until(lambda: bool(outcome), "submit_result returned")
+        assert outcome == [False], "a result the site never acknowledged is not kept"
+        await agent.stop()
+    assert reconnected_after >= heartbeat_timeout, "declared dead before heartbeat_timeout"
+    assert closed_after >= heartbeat_timeout + reconnect_timeout, "closed before reconnect_timeout"
 
 
 async def test_a_submit_in_flight_returns_false_when_the_site_says_goodbye(

@@ -88,17 +88,17 @@ async def test_a_large_result_survives_a_dropped_connection() -> None:
 
 
 class SlowLink(SocketByteStream):
-    """A link that moves 64 KiB per 5 ms each way: slower than the heartbeat timeout allows
+    """A link that moves 64 KiB per 20 ms each way: slower than the heartbeat timeout allows
     for a whole frame, while bytes keep moving."""
 
     async def receive_into(self, buffer: memoryview) -> int:
-        await anyio.sleep(0.005)
+        await anyio.sleep(0.02)
         count = await super().receive_into(buffer[: 64 * 1024])
         self.waited_to_receive = True
         return count
 
     async def send_some(self, buffers: Sequence[memoryview]) -> int:
-        await anyio.sleep(0.005)  # the link drains: the peer read what was sent
+        await anyio.sleep(0.02)  # the link drains: the peer read what was sent
         count = await super().send_some([buffers[0][: 64 * 1024]])
         self.waited_to_send = True
         return count
@@ -117,8 +117,10 @@ class SlowConnector(TCPConnector):
 
 
 async def test_liveness_counts_bytes_so_a_slow_transfer_is_not_a_dead_peer() -> None:
-    weights = model(2)  # about 160 ms each way on the slow link: beyond the 50 ms timeout
-    site_options = {"heartbeat_interval": 0.01, "heartbeat_timeout": 0.05}
+    # About 640 ms each way on the slow link: beyond the 250 ms timeout, which a loaded machine's
+    # scheduling delays between two 20 ms steps do not reach.
+    weights = model(2)
+    site_options = {"heartbeat_interval": 0.01, "heartbeat_timeout": 0.25}
     async with anyio.create_task_group() as group, FlareSite("site-1", **site_options) as site:
         connector = SlowConnector(await site.listen("tcp://127.0.0.1:0"))
 

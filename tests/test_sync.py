@@ -116,7 +116,7 @@ def test_get_task_times_out_on_time_and_keeps_a_later_task() -> None:
     with site_thread() as site, make(site.url) as agent:
         started = time.monotonic()
         assert agent.get_task(timeout=0.05) is None
-        assert 0.05 <= time.monotonic() - started < 0.5  # the timeout, not a polling period
+        assert 0.05 <= time.monotonic() - started < 2  # the timeout, not a polling period
         future = site.run_task_soon("a1", 1)
         task = agent.get_task(timeout=10)
         assert task is not None and task.data == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("nvflare")
+pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 import _jobs
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("nvflare")
+pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 from flare_agent_async.nvflare import IPCConnector
 from flare_agent_async.transports import connector_for, create_listener

@@ -4,7 +4,7 @@
 2. NVFlare's IPCExchanger with NVFlare's IPCAgent trainers;
 3. NVFlare's IPCExchanger with our agents over ``nvflare-ipc://``.
 
-Run from the repository: ``python tests/nvflare/compare_jobs.py [REPEATS]``. Each job runs in
+Run from the repository: ``python tests/nvflare_bridge/compare_jobs.py [REPEATS]``. Each job runs in
 NVFlare's simulator in a fresh workspace; the wall times include the simulator's own start and
 stop. The task time is the client executor's, from sending a task to the trainer to having its
 result, in the second round (the first includes the trainer's start), read from the sites' logs.

@@ -15,7 +15,7 @@ import anyio.to_thread
 import numpy as np
 import pytest
 
-pytest.importorskip("nvflare")
+pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 from nvflare.fuel.f3.cellnet.cell import Cell
 from nvflare.fuel.f3.cellnet.cell import Message as CellMessage

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import trustme
 
-pytest.importorskip("nvflare")
+pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType

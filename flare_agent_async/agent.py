@@ -23,6 +23,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from ._connection import Connection
+from ._validate import as_secret, check_timeout
 from .defs import Task, TaskResult
 from .exceptions import (
     AgentClosed,
@@ -45,41 +46,9 @@ from .protocol import (
 )
 from .transports import Connector, MessageStream, Progress, connector_for
 
-__all__ = ["AsyncFlareAgent", "as_secret", "check_timeout"]
+__all__ = ["AsyncFlareAgent"]
 
 logger = logging.getLogger("flare_agent_async.agent")
-
-
-def as_secret(secret: bytes | str | None) -> bytes | None:
-    """A shared secret as bytes (str is encoded as UTF-8).
-
-    :raises TypeError: it is neither bytes nor str.
-    :raises ValueError: it is empty.
-    """
-    if secret is None:
-        return None
-    if isinstance(secret, str):
-        secret = secret.encode()
-    if not isinstance(secret, bytes):
-        raise TypeError(f"a secret must be bytes or str, got {type(secret).__name__}")
-    if not secret:
-        raise ValueError("a secret must not be empty")
-    return secret
-
-
-def check_timeout(timeout: float | None) -> float:
-    """Validate a ``get_task`` timeout; returns it in seconds (``math.inf`` for None).
-
-    :raises TypeError: it is not a number.
-    :raises ValueError: it is not positive.
-    """
-    if timeout is None:
-        return math.inf
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be (int, float) but got {type(timeout)}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must > 0, but got {timeout}")
-    return float(timeout)
 
 
 class AsyncFlareAgent:
@@ -161,6 +130,12 @@ class AsyncFlareAgent:
     def connected(self) -> bool:
         """Whether the agent is connected to its site right now."""
         return self._protocol.state is AgentState.READY
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the agent closed, when a failure closed it (the site gone, a protocol error);
+        None while it runs, and after `stop` or the site's goodbye."""
+        return self._failure
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -266,12 +241,6 @@ class AsyncFlareAgent:
                 task = self._protocol.fetch_task()
         return task
 
-    def _task_ready(self) -> Task | None:
-        """The next task if one is already here, without waiting (the sync facade's fast path:
-        `get_task` with a task ready, run in the loop without starting a task for the call)."""
-        self._check_started()
-        return self._protocol.fetch_task()
-
     async def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result and wait until the site acknowledges it.
 
@@ -321,7 +290,7 @@ class AsyncFlareAgent:
             try:
                 task = await self.get_task()
             except AgentClosed:
-                if self._failure is not None:
+                if self.failure is not None:
                     raise
                 return
             assert task is not None

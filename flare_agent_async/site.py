@@ -22,7 +22,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from ._connection import CONNECTION_ERRORS, Connection
-from .agent import as_secret
+from ._validate import as_secret
 from .defs import TaskResult
 from .exceptions import CallStateError, ProtocolError, UnknownAgent
 from .protocol import (

@@ -6,8 +6,9 @@ A synchronous training script keeps its loop as it is::
         for task in agent.tasks():  # until the site says goodbye
             agent.submit_result(TaskResult({}, train(task.data)))
 
-It runs one `AsyncFlareAgent` on an event loop in a thread of its own, and only crosses threads:
-each call is one trip into that loop and back, and every rule is the async agent's.
+It runs one `AsyncFlareAgent` in an event loop thread of its own, reached through anyio's
+`BlockingPortal`, and only crosses threads: each call is one `portal.call`, and every rule is the
+async agent's.
 
 Thread rules:
 
@@ -28,301 +29,173 @@ Thread rules:
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
+import contextlib
+import ssl
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskStatus
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-try:  # trio brings sniffio; with asyncio alone, anyio finds the running loop by itself
-    import sniffio
-except ImportError:  # pragma: no cover - depends on what is installed
-    sniffio = None  # type: ignore[assignment]
-
-from .agent import AsyncFlareAgent, check_timeout
+from ._validate import check_timeout
+from .agent import AsyncFlareAgent
 from .defs import FlareAgent, Task, TaskResult
 from .exceptions import AgentClosed, CallStateError
+from .protocol import Limits
+from .transports import Connector, Progress
 
 __all__ = ["SyncFlareAgent"]
 
 T = TypeVar("T")
 
-_BACKENDS = {
+_BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
     "asyncio": ("asyncio", {}),
     "trio": ("trio", {}),
     "uvloop": ("asyncio", {"use_uvloop": True}),
 }
 
 
-class _Call:
-    """One call from a caller's thread into the agent's loop."""
-
-    __slots__ = (
-        "args",
-        "cancelled",
-        "done",
-        "error",
-        "fast",
-        "finished",
-        "function",
-        "result",
-        "scope",
-    )
-
-    def __init__(
-        self,
-        function: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        fast: Callable[[], Any] | None = None,
-    ) -> None:
-        self.function = function
-        self.args = args
-        self.fast = fast
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.scope: anyio.CancelScope | None = None
-        self.cancelled = False
-        self.finished = False
-
-
-def _thread_safe_scheduler(backend: str) -> Callable[..., None]:
-    """The running loop's way to run a callback soon, from any thread."""
-    if backend == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
-    loop = asyncio.get_running_loop()
-
-    def schedule(callback: Callable[..., object], *args: Any) -> None:
-        loop.call_soon_threadsafe(callback, *args)
-
-    return schedule
-
-
 class _Runner:
-    """The event loop thread and the agent in it; kept apart from the agent object so that a
-    finalizer can stop it after the object is gone.
-
-    A call crosses threads once each way: the caller schedules a callback in the loop (which
-    starts the call as a task) and waits on an event the task sets. (A blocking portal also
-    waits for the task to be started, a second round trip per call.)
-    """
+    """The portal's thread and the task in it that holds the agent open; kept apart from
+    `SyncFlareAgent` so that a finalizer can stop them after that object is gone."""
 
     def __init__(self, agent: AsyncFlareAgent, backend: str, name: str) -> None:
-        self.agent = agent
-        self._backend, self._options = _BACKENDS[backend]
-        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._schedule: Callable[..., None] | None = None
-        self._group: TaskGroup | None = None
-        self._stop: anyio.Event | None = None
-        self._main_scope: anyio.CancelScope
-        # A daemon thread: interpreter exit must not wait for it before the finalizer runs.
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        loop_backend, options = _BACKENDS[backend]
+        self._agent = agent
+        self._portal_context = start_blocking_portal(loop_backend, options, name=name)
+        self._portal: BlockingPortal | None = None
+        self._hosted: concurrent.futures.Future[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_requested: anyio.Event | None = None
         self._closed = False
-        self._close_lock = threading.RLock()  # re-entrant: stop() from a signal handler in stop()
-        self._calls: set[_Call] = set()  # calls in flight, for the loop's end to release
-        self._calls_lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: stop() from a signal handler in close()
 
-    def _run(self) -> None:
-        try:
-            anyio.run(self._main, backend=self._backend, backend_options=self._options)
-        except BaseException as exc:  # a failed start: told to start() through the future
-            if not self._ready.done():
-                self._ready.set_exception(exc)
-        finally:
-            # Calls that reached the loop too late to run: nobody may wait for them forever.
-            with self._calls_lock:
-                self._schedule = None
-                for call in self._calls:
-                    if not call.done.is_set():
-                        call.error = AgentClosed("the agent is stopped")
-                        call.done.set()
-
-    async def _main(self) -> None:
-        # The thread is ours: name its event loop for anyio, so that callbacks scheduled from
-        # other threads (outside any task) can start tasks too.
-        if sniffio is not None:
-            sniffio.thread_local.name = self._backend
-        self._stop = anyio.Event()
-        with anyio.CancelScope() as self._main_scope:
-            async with anyio.create_task_group() as group:
-                self._group = group
-                # Set before connecting, so that an interrupted start() can cancel the connect.
-                self._schedule = _thread_safe_scheduler(self._backend)
-                async with self.agent:
-                    self._ready.set_result(None)
-                    await self._stop.wait()
-                    group.cancel_scope.cancel()  # calls still running end with AgentClosed
+    async def _host(self, portal: BlockingPortal, *, task_status: TaskStatus[Any]) -> None:
+        """The agent's one task in the loop: it starts the agent and stops it when asked, from
+        whichever thread; then the portal stops too, and the thread ends."""
+        self._stop_requested = anyio.Event()
+        async with self._agent:
+            task_status.started(threading.current_thread())
+            await self._stop_requested.wait()
+        await portal.stop()
 
     def start(self) -> None:
-        self.thread.start()
+        portal = self._portal_context.__enter__()
         try:
-            self._ready.result()
-        except BaseException:
-            # A failed connect, or an interrupted wait for it (KeyboardInterrupt): stop the loop.
-            schedule = self._schedule
-            if schedule is not None:
-                try:
-                    schedule(self._main_scope.cancel)
-                except Exception:
-                    pass
-            self.thread.join()
+            self._hosted, self._thread = portal.start_task(self._host, portal)
+        except BaseException as exc:
+            # A failed connect, or an interrupted wait for it (KeyboardInterrupt): leaving the
+            # portal with the error cancels whatever still runs there, then joins the thread.
+            self._closed = True
+            self._portal_context.__exit__(type(exc), exc, exc.__traceback__)
             raise
+        self._portal = portal
 
-    def _begin(self, call: _Call) -> None:  # in the loop
-        assert self._group is not None
-        if call.fast is not None and not call.cancelled:
-            try:
-                call.result = call.fast()
-            except Exception as exc:
-                call.error = exc
-            if call.result is not None or call.error is not None:
-                call.finished = True
-                call.done.set()
-                return
-        try:
-            self._group.start_soon(self._perform, call)
-        except RuntimeError:  # the agent's task group has just ended
-            call.error = AgentClosed("the agent is stopped")
-            call.done.set()
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
 
-    async def _perform(self, call: _Call) -> None:  # in the loop
-        try:
-            with anyio.CancelScope() as call.scope:
-                if call.cancelled:  # the caller gave up before the call began
-                    call.scope.cancel()
-                call.result = await call.function(*call.args)
-                call.finished = True
-        except Exception as exc:
-            call.error = exc
-            call.finished = True
-        finally:
-            if not call.finished:  # cancelled: the caller is gone, or the agent is stopping
-                call.error = AgentClosed("the agent is stopped")
-            call.done.set()
-
-    async def _stop_from_within(self) -> None:  # in the loop
-        await self.agent.stop()
-        assert self._stop is not None
-        self._stop.set()
-
-    def _cancel(self, call: _Call) -> None:  # in the loop
-        call.cancelled = True
-        if call.scope is not None:
-            call.scope.cancel()
-
-    def call(
-        self,
-        function: Callable[..., Awaitable[T]],
-        *args: Any,
-        fast: Callable[[], T | None] | None = None,
-    ) -> T:
-        """Run ``function(*args)`` in the agent's loop and wait for it.
-
-        ``fast``, if given, is tried first in the loop, as a plain call: a result other than
-        None is the answer, with no task started for the call (`get_task` when a task is
-        already here, the common case of a training loop).
+    def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``function(*args)`` in the agent's loop, waited for.
 
         Interrupted while waiting (``KeyboardInterrupt``), the call is cancelled there, the
         async way, before the interruption goes on.
         """
-        schedule = self._schedule
-        if schedule is None or self._closed:
+        portal = self._portal
+        if portal is None or self._closed:
             raise AgentClosed("the agent is stopped")
-        if threading.current_thread() is self.thread:
+        if self.in_loop_thread():
             raise CallStateError(
                 "a blocking call from the agent's own thread (an abort callback?) would wait "
                 "forever; abort callbacks must not block"
             )
-        call = _Call(function, args, fast)
-        with self._calls_lock:
-            if self._schedule is None:  # the loop thread has ended
-                raise AgentClosed("the agent is stopped")
-            self._calls.add(call)
         try:
-            try:
-                schedule(self._begin, call)
-            except Exception as exc:  # the loop has just ended (RuntimeError, RunFinishedError)
-                raise AgentClosed("the agent is stopped") from exc
-            try:
-                call.done.wait()
-            except BaseException:
-                try:
-                    schedule(self._cancel, call)
-                except Exception:
-                    pass
-                raise
-        finally:
-            with self._calls_lock:
-                self._calls.discard(call)
-        if call.error is not None:
-            raise call.error
-        return cast(T, call.result)
+            future = portal.start_task_soon(function, *args)
+        except RuntimeError as exc:  # the portal has stopped
+            raise AgentClosed("the agent is stopped") from exc
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError as exc:  # the portal cancelled it: stopping
+            raise AgentClosed("the agent is stopped") from exc
+        except BaseException:
+            future.cancel()  # a KeyboardInterrupt, say: the call ends the async way
+            raise
 
     def close(self) -> None:
-        """Stop the agent (it says goodbye) and the loop; join the thread. Idempotent.
+        """Stop the agent (it says goodbye), then the portal; join the thread. Idempotent.
 
         From the agent's own thread (an abort callback), the stop is started and not waited for.
         """
-        if threading.current_thread() is self.thread:
-            if not self._closed and self._group is not None:
-                self._closed = True
-                self._group.start_soon(self._stop_from_within)
+        if self.in_loop_thread():
+            assert self._stop_requested is not None
+            self._stop_requested.set()
             return
-        with self._close_lock:
-            if self._closed:  # stopped already, maybe from an abort callback: still join
-                if self.thread.is_alive() and self.thread is not threading.current_thread():
-                    self.thread.join()
+        with self._lock:
+            if self._closed:
                 return
-            schedule = self._schedule
-            if schedule is not None:
-                try:
-                    self.call(self.agent.stop)
-                except AgentClosed:
-                    pass
             self._closed = True
-        if schedule is not None and self._stop is not None:
             try:
-                schedule(self._stop.set)
-            except RuntimeError:
-                pass  # the loop is already gone
-        if self.thread.is_alive() and self.thread is not threading.current_thread():
-            self.thread.join()
+                if self._portal is not None and self._stop_requested is not None:
+                    with contextlib.suppress(RuntimeError):  # stopped from within already
+                        self._portal.call(self._stop_requested.set)
+                if self._hosted is not None:
+                    self._hosted.result()
+            finally:
+                self._portal_context.__exit__(None, None, None)
 
 
 class SyncFlareAgent(FlareAgent):
     """A blocking agent for synchronous trainers: `AsyncFlareAgent` on a thread of its own.
 
-    Takes the same options as `AsyncFlareAgent`, plus ``backend``: ``"asyncio"`` (default),
+    Takes the options of `AsyncFlareAgent`, plus ``backend``: ``"asyncio"`` (default),
     ``"trio"`` or ``"uvloop"`` (when installed). Also a context manager (start on entry, stop on
     exit). See the module docstring for the thread rules.
     """
 
     def __init__(
         self,
-        site: Any,
+        site: str | Connector,
         *,
         agent_id: str,
         site_name: str,
         backend: str = "asyncio",
-        **options: Any,
+        job_id: str | None = None,
+        secret: bytes | str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: Limits | None = None,
+        connect_timeout: float = 30.0,
+        reconnect_timeout: float = 60.0,
+        close_timeout: float = 10.0,
+        max_backoff: float = 2.0,
+        on_progress: Callable[[Progress], object] | None = None,
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
-        self._agent = AsyncFlareAgent(site, agent_id=agent_id, site_name=site_name, **options)
+        self._agent = AsyncFlareAgent(
+            site,
+            agent_id=agent_id,
+            site_name=site_name,
+            job_id=job_id,
+            secret=secret,
+            ssl_context=ssl_context,
+            limits=limits,
+            connect_timeout=connect_timeout,
+            reconnect_timeout=reconnect_timeout,
+            close_timeout=close_timeout,
+            max_backoff=max_backoff,
+            on_progress=on_progress,
+        )
         self._backend = backend
         self._runner: _Runner | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._lock = threading.RLock()  # re-entrant: stop() may come from a signal handler
 
     @property
     def agent_id(self) -> str:
+        """This agent's id."""
         return self._agent.agent_id
 
     @property
@@ -347,7 +220,7 @@ class SyncFlareAgent(FlareAgent):
             )
             runner.start()
             # Stop the loop when this object is collected, or at interpreter exit.
-            self._finalizer = weakref.finalize(self, runner.close)
+            weakref.finalize(self, runner.close)
 
     def stop(self) -> None:
         """Stop the agent: submitted results are delivered first (up to ``close_timeout``), the
@@ -374,7 +247,7 @@ class SyncFlareAgent(FlareAgent):
         :raises ValueError: ``timeout`` is not positive.
         """
         check_timeout(timeout)
-        return self._running().call(self._agent.get_task, timeout, fast=self._agent._task_ready)
+        return self._running().call(self._agent.get_task, timeout)
 
     def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result; blocks until the site acknowledged it.
@@ -403,12 +276,12 @@ class SyncFlareAgent(FlareAgent):
             try:
                 task = self.get_task()
             except AgentClosed:
-                if self._agent._failure is not None:
+                if self._agent.failure is not None:
                     raise
                 return
             assert task is not None
             yield task
-            del task  # not kept alive while waiting for the next one
+            del task  # not kept alive while waiting for the next one: models are large
 
     def log(self, key: str, value: Any, step: int | None = None) -> None:
         """Send a log record (a metric, usually) to the site; see `AsyncFlareAgent.log`."""

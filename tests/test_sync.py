@@ -30,6 +30,9 @@ from flare_agent_async import (
     Task,
     TaskResult,
 )
+from flare_agent_async.protocol import ResultAck
+from flare_agent_async.testing import FaultyConnector
+from flare_agent_async.transports import connector_for
 
 OK = TaskResult({}, {"ok": True})
 
@@ -76,6 +79,13 @@ def run_script(script: str, hang: str) -> subprocess.CompletedProcess[str]:
 
 def make(url: str, **options: Any) -> SyncFlareAgent:
     return SyncFlareAgent(url, agent_id="a1", site_name="site-1", **options)
+
+
+def agent_thread(agent_id: str = "a1") -> threading.Thread | None:
+    """The event loop thread of the started agent ``agent_id``, if it runs."""
+    threads = [t for t in threading.enumerate() if t.name == f"flare-agent-{agent_id}"]
+    assert len(threads) <= 1, threads
+    return threads[0] if threads else None
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -149,7 +159,7 @@ def test_stop_from_a_signal_handler_wakes_a_blocked_get_task() -> None:
                 agent.get_task(timeout=10)
         finally:
             signal.signal(signal.SIGUSR1, previous)
-        assert not agent._runner.thread.is_alive()  # type: ignore[union-attr]
+        assert agent_thread() is None
 
 
 def test_two_threads_calling_get_task_get_one_task_and_one_call_state_error() -> None:
@@ -269,7 +279,8 @@ def test_a_started_agent_that_is_collected_stops() -> None:
         agent = make(site.url)
         agent.start()
         site.wait_for_agent("a1")
-        thread = agent._runner.thread  # type: ignore[union-attr]
+        thread = agent_thread()
+        assert thread is not None
         del agent
         gc.collect()
         thread.join(10)
@@ -303,7 +314,8 @@ def test_stop_from_an_abort_callback_does_not_deadlock() -> None:
         assert task is not None
         task.add_abort_callback(agent.stop)  # runs in the agent's own thread
         site.portal.call(site.site.abort_task, "a1", "t1")
-        thread = agent._runner.thread  # type: ignore[union-attr]
+        thread = agent_thread()
+        assert thread is not None
         thread.join(10)
         assert not thread.is_alive(), "the agent did not stop"
         with pytest.raises(AgentClosed):
@@ -340,53 +352,41 @@ def test_a_blocking_call_from_an_abort_callback_is_refused() -> None:
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_a_call_that_reaches_the_loop_as_it_ends_is_released(backend: str) -> None:
-    """A caller that passed the `_closed` check just before close() set it: its `_begin`
-    lands after the task group exited -> start_soon raises in a loop callback, the caller's
-    `call.done` is never set, the caller waits forever."""
+def test_calls_racing_with_stop_all_end(backend: str) -> None:
+    """Threads that keep calling get_task while another thread stops the agent: every call
+    returns or raises AgentClosed, none waits forever, whichever side of the stop it lands on."""
     with site_thread() as site:
-        agent = make(site.url, backend=backend)
-        agent.start()
-        runner = agent._runner
-        real = runner._schedule
-        inside = threading.Event()
+        for _ in range(5):
+            agent = make(site.url, backend=backend)
+            agent.start()
+            outcomes: list[BaseException] = []
+            calling = threading.Barrier(4)
 
-        def gated(
-            callback: Any, *args: Any
-        ) -> Any:  # forces the interleaving: deliver after the group exits
-            begin = getattr(callback, "__name__", "") == "_begin"
-            if begin and args[0].function == agent._agent.get_task:
-                inside.set()
-                deadline = time.monotonic() + 5
-                while runner._schedule is not None and time.monotonic() < deadline:
-                    time.sleep(0.001)
-            return real(callback, *args)
+            def caller(
+                agent: SyncFlareAgent, outcomes: list[BaseException], calling: threading.Barrier
+            ) -> None:
+                calling.wait(10)
+                try:
+                    for _ in range(10_000):  # bounded: the stop ends it long before
+                        agent.get_task(timeout=0.001)
+                except BaseException as exc:
+                    outcomes.append(exc)
 
-        if backend == "asyncio":
-            # keep asyncio.run's shutdown alive a moment (a default-executor job, e.g. from a
-            # trainer library or getaddrinfo): callbacks are processed during shutdown
-            async def busy() -> None:
-                import asyncio
-
-                asyncio.get_running_loop().run_in_executor(None, time.sleep, 1.0)
-
-            runner.call(busy)
-        runner._schedule = gated
-        outcome: list[object] = []
-
-        def caller() -> None:
-            try:
-                outcome.append(agent.get_task(timeout=1))
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=caller, daemon=True)
-        thread.start()
-        assert inside.wait(5)
-        agent.stop()
-        thread.join(5)
-        assert not thread.is_alive(), "get_task never returned: the caller hangs forever"
-        assert isinstance(outcome[0], AgentClosed)
+            threads = [
+                threading.Thread(target=caller, args=(agent, outcomes, calling), daemon=True)
+                for _ in range(3)
+            ]
+            for thread in threads:
+                thread.start()
+            calling.wait(10)
+            agent.stop()
+            for thread in threads:
+                thread.join(10)
+            assert not any(t.is_alive() for t in threads), "a call racing with stop() hangs"
+            assert len(outcomes) == 3 and all(isinstance(e, AgentClosed) for e in outcomes), (
+                outcomes
+            )
+            assert agent_thread() is None
 
 
 def test_an_interrupted_start_stops_the_connect() -> None:
@@ -426,24 +426,26 @@ os._exit(0)
 
 
 def test_stop_from_a_signal_handler_during_stop() -> None:
-    """stop() from a signal handler while the main thread is inside stop() (e.g. delivering
-    results for up to close_timeout): runner._close_lock is a plain Lock -> self-deadlock."""
+    """stop() from a signal handler while the main thread is inside stop(), waiting up to
+    close_timeout for a result's acknowledgement: no self-deadlock."""
     script = """
 import os, signal, sys, threading, time
 sys.path.insert(0, "tests")
-from test_sync import make, site_thread
+from test_sync import OK, make, site_thread
+from flare_agent_async.protocol import ResultAck
+from flare_agent_async.testing import FaultyConnector
+from flare_agent_async.transports import connector_for
 with site_thread() as site:
-    agent = make(site.url)
+    faulty = FaultyConnector(connector_for(site.url))
+    faulty.drop_on_receive(lambda message: isinstance(message, ResultAck))
+    agent = make(faulty, close_timeout=0.5)
     agent.start()
-    real_stop = agent._agent.stop
-    async def slow_stop():  # stands for results still being delivered (close_timeout)
-        import anyio
-        await anyio.sleep(0.5)
-        await real_stop()
-    agent._agent.stop = slow_stop
+    site.run_task_soon("a1", 1)
+    assert agent.get_task(timeout=10) is not None
+    threading.Thread(target=agent.submit_result, args=(OK,), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    agent.stop()
+    agent.stop()  # waits for the acknowledgement that never comes, up to close_timeout
     print("stopped", flush=True)
     os._exit(0)
 """
@@ -453,15 +455,16 @@ with site_thread() as site:
 
 def test_stop_after_a_stop_from_an_abort_callback_joins_the_thread() -> None:
     with site_thread() as site:
-        agent = make(site.url)
+        faulty = FaultyConnector(connector_for(site.url))
+        # The goodbye is never read by the site: the stop that the callback starts waits for
+        # nothing, but the result below is never acknowledged, so it lasts close_timeout.
+        faulty.drop_on_receive(lambda message: isinstance(message, ResultAck))
+        agent = make(faulty, close_timeout=0.5)
         agent.start()
-        real_stop = agent._agent.stop
-
-        async def slow_stop() -> None:  # stands for results being delivered (close_timeout)
-            await anyio.sleep(0.5)
-            await real_stop()
-
-        agent._agent.stop = slow_stop  # type: ignore[method-assign]
+        first = site.run_task_soon("a1", 0, task_id="t0")
+        assert agent.get_task(timeout=10) is not None
+        submitted = threading.Thread(target=agent.submit_result, args=(OK,), daemon=True)
+        submitted.start()  # unacknowledged: the stop waits for it, up to close_timeout
         future = site.run_task_soon("a1", 1, task_id="t1")
         task = agent.get_task(timeout=10)
         assert task is not None
@@ -470,36 +473,8 @@ def test_stop_after_a_stop_from_an_abort_callback_joins_the_thread() -> None:
         site.portal.call(site.site.abort_task, "a1", "t1")
         assert fired.wait(10)
         agent.stop()
-        assert not agent._runner.thread.is_alive(), "stop() returned before the thread ended"  # type: ignore[union-attr]
+        assert agent_thread() is None, "stop() returned before the thread ended"
+        submitted.join(10)
         with pytest.raises(Exception, match="aborted"):
             future.result(10)
-
-
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_a_task_already_here_is_handed_over_without_a_task_in_the_loop(
-    backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The common case of a training loop (the next task arrives with the acknowledgement of the
-    last result): get_task takes its one crossing and starts nothing in the agent's loop."""
-    from flare_agent_async.sync import _Runner
-
-    performed: list[str] = []
-    perform = _Runner._perform
-
-    async def counting(self: _Runner, call: Any) -> None:
-        performed.append(call.function.__name__)
-        await perform(self, call)
-
-    monkeypatch.setattr(_Runner, "_perform", counting)
-    with site_thread() as site, make(site.url, backend=backend) as agent:
-        future = site.run_task_soon("a1", 1)
-        deadline = time.monotonic() + 10
-        while not agent._agent._protocol.has_pending_task:  # bounded: the task is on its way
-            assert time.monotonic() < deadline, "the task did not reach the agent within 10 s"
-            time.sleep(0.001)
-        task = agent.get_task(timeout=10)
-        assert task is not None and task.data == 1
-        assert "get_task" not in performed
-        assert agent.submit_result(OK)
-        assert future.result(10).data == {"ok": True}
-        assert performed == ["submit_result"]  # a result waits for its acknowledgement
+        del first

@@ -30,7 +30,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
-from ..agent import as_secret
+from .._validate import as_secret
 from ..defs import TaskResult
 from ..exceptions import SiteError, TaskAborted
 from ..site import FlareSite

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
 
 from .exceptions import ProtocolError, TransportError
 from .protocol import Message
-from .transports import FramedMessageStream, MessageStream, Progress
+from .transports import MessageStream, MessageStreamAttribute, Progress
 
-__all__ = ["CONNECTION_ERRORS", "Connection", "PeerSilent"]
+__all__ = ["CONNECTION_ERRORS", "Connection", "ConnectionHandler", "PeerSilent"]
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     anyio.EndOfStream,
@@ -36,8 +37,46 @@ class PeerSilent(TransportError):
     """Nothing arrived from the peer within the liveness timeout."""
 
 
-def _never() -> None:
-    return None
+class ConnectionHandler(Protocol):
+    """One side's session on one connection, as a `Connection` drives it: the agent's and the
+    site's each wrap their sans-IO machine in one. Called from the connection's reader and
+    writer, in the event loop, one call at a time."""
+
+    def data_to_send(self) -> list[Message]:
+        """The messages to send now, in order; messages that may wait are held back."""
+        ...
+
+    def deferred_delay(self) -> float | None:
+        """Seconds the held-back messages may wait for others to ride along; None if none."""
+        ...
+
+    def flush_deferred(self) -> list[Message]:
+        """The held-back messages, once their delay is over."""
+        ...
+
+    def handle(self, message: Message) -> None:
+        """Take in a message from the peer."""
+        ...
+
+    def finished(self) -> bool:
+        """Whether the connection ends once what is queued has been sent."""
+        ...
+
+    def read_timeout(self) -> float:
+        """Seconds of silence from the peer after which it is declared silent."""
+        ...
+
+    def idle_interval(self) -> float | None:
+        """Seconds without a send after which `idle` is called; None: never."""
+        ...
+
+    def idle(self) -> None:
+        """Nothing was sent for `idle_interval`: queue a heartbeat, say."""
+        ...
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        """The peer broke the protocol: queue a goodbye that says why; the session is over."""
+        ...
 
 
 async def _let_others_queue() -> None:
@@ -48,48 +87,36 @@ async def _let_others_queue() -> None:
 
 
 class Connection:
-    """Runs a reader and a writer over ``stream`` until either ends; returns why it ended.
+    """Runs a reader and a writer over ``stream`` for ``handler`` until either ends; returns why
+    it ended.
 
-    * the writer sends whatever ``data_to_send()`` returns, in order; when nothing was sent for
-      ``idle_interval()`` seconds it calls ``on_idle()`` (which queues a heartbeat, say); when
-      ``deferred()`` gives a delay, it sends ``flush_deferred()`` once the delay is over unless
-      something else went first;
-    * the reader hands every message to ``handle`` and wakes the writer; if nothing arrives for
-      ``read_timeout()`` seconds (not a message, not a byte of one, and no send the peer made
-      room for) the peer is declared silent;
-    * once ``finished()`` is true, the writer flushes what is left and the connection ends;
+    * the writer sends whatever ``handler.data_to_send()`` returns, in order; when nothing was
+      sent for ``handler.idle_interval()`` seconds it calls ``handler.idle()``; when
+      ``handler.deferred_delay()`` gives a delay, it sends ``handler.flush_deferred()`` once the
+      delay is over unless something else went first;
+    * the reader hands every message to ``handler.handle`` and wakes the writer; if nothing
+      arrives for ``handler.read_timeout()`` seconds (not a message, not a byte of one where the
+      stream counts bytes, and no send the peer made room for) the peer is declared silent;
+    * once ``handler.finished()`` is true, the writer flushes what is left and the connection ends;
     * with ``max_handled_while_sending``, the reader handles at most that many messages while one
       send waits for the peer, then waits for the send: a peer that sends without reading cannot
       make the replies it asks for pile up (back-pressure; the site uses it, each message it
       handles queues at most one reply).
+
+    It uses what the stream declares of `MessageStreamAttribute`: batched sends, liveness by
+    bytes and ``on_progress`` reports, draining after a protocol error.
     """
 
     def __init__(
         self,
         stream: MessageStream,
+        handler: ConnectionHandler,
         *,
-        data_to_send: Callable[[], list[Message]],
-        handle: Callable[[Message], None],
-        finished: Callable[[], bool],
-        read_timeout: Callable[[], float],
-        idle_interval: Callable[[], float | None] = lambda: None,
-        on_idle: Callable[[], None] = _never,
-        deferred: Callable[[], float | None] = lambda: None,
-        flush_deferred: Callable[[], list[Message]] = list,
         on_progress: Callable[[Progress], object] | None = None,
-        on_protocol_error: Callable[[ProtocolError], None] | None = None,
         max_handled_while_sending: int | None = None,
     ) -> None:
         self.stream = stream
-        self._data_to_send = data_to_send
-        self._handle = handle
-        self._finished = finished
-        self._read_timeout = read_timeout
-        self._idle_interval = idle_interval
-        self._on_idle = on_idle
-        self._deferred = deferred
-        self._flush_deferred = flush_deferred
-        self._on_protocol_error = on_protocol_error
+        self._handler = handler
         self._max_handled_while_sending = max_handled_while_sending
         self._sending = False  # whether the writer is in a send
         self._sent: anyio.Event | None = None  # made by a reader that waits for the send
@@ -100,10 +127,12 @@ class Connection:
         self._last_alive = 0.0  # when the peer was last heard from (the event loop's clock)
         self._draining = False
         self._error: BaseException | None = None
-        if isinstance(stream, FramedMessageStream):
-            # Liveness counts bytes: a large frame still moving keeps the peer alive.
-            stream.on_activity = self._alive
-            stream.on_progress = on_progress
+        self._send_batch = stream.extra(MessageStreamAttribute.send_batch, None)
+        self._discard_incoming = stream.extra(MessageStreamAttribute.discard_incoming, None)
+        watch_bytes = stream.extra(MessageStreamAttribute.watch_bytes, None)
+        self._counts_bytes = watch_bytes is not None
+        if watch_bytes is not None:
+            watch_bytes(self._alive, on_progress)
 
     def _alive(self) -> None:
         self._last_alive = anyio.current_time()
@@ -119,7 +148,7 @@ class Connection:
         agent its site's heartbeat timeout: until then it waited as long as a connect may)."""
         scope = self._read_scope
         if scope is not None:
-            scope.deadline = self._last_alive + self._read_timeout()
+            scope.deadline = self._last_alive + self._handler.read_timeout()
 
     def close(self) -> None:
         """End the connection now, without flushing."""
@@ -135,7 +164,7 @@ class Connection:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.stream.aclose()
-        if self._error is None and self._scope.cancel_called and not self._finished():
+        if self._error is None and self._scope.cancel_called and not self._handler.finished():
             self._error = TransportError("the connection was closed")
         return self._error
 
@@ -145,7 +174,7 @@ class Connection:
         except ProtocolError as exc:
             if self._error is None:
                 self._error = exc
-            if self._on_protocol_error is not None and not self._draining:
+            if not self._draining:
                 await self._say_why_and_close(exc)
         except CONNECTION_ERRORS as exc:
             if self._error is None:
@@ -157,18 +186,16 @@ class Connection:
         """Queue a goodbye saying why, let the writer send it, and keep reading (and dropping)
         until the peer closes, for a few seconds at most: closing with unread bytes would reset
         the connection and could destroy the goodbye on its way."""
-        assert self._on_protocol_error is not None
         self._draining = True
-        self._on_protocol_error(error)  # the connection is finished from here on
+        self._handler.protocol_error(error)  # the connection is finished from here on
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + _BYE_SECONDS)
         self.wake()
-        stream = self.stream
         try:
-            if isinstance(stream, FramedMessageStream):
-                await stream.discard_incoming()
+            if self._discard_incoming is not None:
+                await self._discard_incoming()
             else:
                 while True:
-                    await stream.receive()
+                    await self.stream.receive()
         except CONNECTION_ERRORS:
             pass
         self._draining = False
@@ -176,17 +203,17 @@ class Connection:
     async def _write(self) -> None:
         last_sent = anyio.current_time()
         while True:
-            messages = self._data_to_send()
+            messages = self._handler.data_to_send()
             if messages:
                 await self._send(messages)
                 del messages  # sent messages may hold models: keep no reference while waiting
                 last_sent = anyio.current_time()
                 continue
-            if self._finished():
+            if self._handler.finished():
                 return
             wakeup = self._wakeup = anyio.Event()
-            interval = self._idle_interval()
-            delay = self._deferred()
+            interval = self._handler.idle_interval()
+            delay = self._handler.deferred_delay()
             if interval is None and delay is None:
                 await wakeup.wait()
                 await _let_others_queue()
@@ -199,24 +226,23 @@ class Connection:
             if not timer.cancelled_caught:
                 await _let_others_queue()
             elif anyio.current_time() >= flush_at:
-                messages = self._flush_deferred()
+                messages = self._handler.flush_deferred()
                 if messages:
                     await self._send(messages)
                     del messages
                     last_sent = anyio.current_time()
             elif anyio.current_time() >= idle_at:
-                self._on_idle()
+                self._handler.idle()
 
     async def _send(self, messages: list[Message]) -> None:
-        stream = self.stream
         self._sending = True
         self._handled_while_sending = 0
         try:
-            if isinstance(stream, FramedMessageStream):
-                await stream.send_batch(messages)  # one system call for small messages
+            if self._send_batch is not None:
+                await self._send_batch(messages)  # one system call for small messages
             else:
                 for message in messages:
-                    await stream.send(message)
+                    await self.stream.send(message)
         finally:
             self._sending = False
             sent, self._sent = self._sent, None
@@ -235,21 +261,23 @@ class Connection:
             await self._sent.wait()
 
     async def _read(self) -> None:
-        stream = self.stream
-        counts_bytes = isinstance(stream, FramedMessageStream)  # then it calls _alive itself
+        stream, handle = self.stream, self._handler.handle
+        counts_bytes = self._counts_bytes  # then the stream calls _alive itself
         self._alive()
         while True:
             # The deadline is not moved at every message (that costs more than the message):
             # when it passes, the reader looks at when the peer was last heard, and goes on.
-            deadline = self._last_alive + self._read_timeout()
+            deadline = self._last_alive + self._handler.read_timeout()
             if anyio.current_time() >= deadline:
-                raise PeerSilent(f"nothing arrived from the peer for {self._read_timeout():g} s")
+                raise PeerSilent(
+                    f"nothing arrived from the peer for {self._handler.read_timeout():g} s"
+                )
             with anyio.CancelScope(deadline=deadline) as self._read_scope:
                 while True:
                     message = await stream.receive()  # a cancellation here loses nothing
                     if not counts_bytes:
                         self._alive()
-                    self._handle(message)
+                    handle(message)
                     del message  # a received model belongs to the trainer now, not to this loop
                     self.wake()
                     await self._wait_for_send()

@@ -29,19 +29,21 @@ from .exceptions import (
     AgentClosed,
     CallStateError,
     ConnectionRejected,
+    ProtocolError,
     TransportError,
 )
 from .protocol import (
     ACK_DELAY,
+    AbortReceived,
     AgentProtocol,
     AgentState,
-    BadTask,
+    BadTaskReceived,
     Limits,
     Message,
-    Rejected,
-    Settled,
-    TaskAborted,
-    Welcomed,
+    RejectReceived,
+    ResultSettled,
+    TaskAssign,
+    WelcomeReceived,
     check_payload,
 )
 from .transports import Connector, MessageStream, Progress, connector_for
@@ -119,6 +121,7 @@ class AsyncFlareAgent:
         self._run_done: anyio.Event
         self._exit_on_stop = False
         self._host_task = 0
+        self._task: Task | None = None  # the task the trainer holds, to signal its abort
         self._welcomes = 0  # how many times a site welcomed this agent
         self._welcome_scope: anyio.CancelScope | None = None  # bounds a reconnect until welcomed
 
@@ -231,15 +234,38 @@ class AsyncFlareAgent:
         """
         seconds = check_timeout(timeout)
         self._check_started()
-        task = self._protocol.fetch_task()
-        if task is not None:
+        assigned = self._protocol.fetch_task()
+        if assigned is not None:
             await anyio.lowlevel.cancel_shielded_checkpoint()
-            return task
+            return self._hand_over(assigned)
         with anyio.move_on_after(seconds):
-            while task is None:
+            while assigned is None:
                 await self._wait_changed()
-                task = self._protocol.fetch_task()
+                assigned = self._protocol.fetch_task()
+            return self._hand_over(assigned)  # no checkpoint since the fetch: nothing is lost
+        return None
+
+    def get_task_nowait(self) -> Task | None:
+        """The next task if it is here already, else None; never waits.
+
+        :raises AgentClosed: the agent is closed.
+        :raises CallStateError: the agent is not started, or the current task has no result yet.
+        """
+        self._check_started()
+        assigned = self._protocol.fetch_task()
+        return None if assigned is None else self._hand_over(assigned)
+
+    def _hand_over(self, assigned: TaskAssign) -> Task:
+        """The trainer's `Task` for a fetched assignment; the agent keeps it to signal aborts."""
+        task = self._task = Task(assigned.task_name, assigned.task_id, assigned.meta, assigned.data)
         return task
+
+    def _abort_task(self, task_id: str | None = None) -> None:
+        """Signal the abort on the trainer's task (``task_id``'s, or whichever it holds): its
+        abort callbacks run here, in the agent's event loop."""
+        task = self._task
+        if task is not None and (task_id is None or task.task_id == task_id):
+            task.set_aborted()
 
     async def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result and wait until the site acknowledges it.
@@ -257,6 +283,7 @@ class AsyncFlareAgent:
             check_payload(result.meta, "result.meta")  # TypeError before anything changes
             check_payload(result.data, "result.data")
         submission = self._protocol.submit(result)
+        self._task = None  # the trainer's result is in; the site's abort would come too late
         if submission is None:
             return False
         self._wake_writer()
@@ -326,6 +353,7 @@ class AsyncFlareAgent:
             self._failure = failure
             logger.error("agent %s closed: %s", self.agent_id, reason)
         self._protocol.close(reason)
+        self._abort_task()  # the task in hand can no longer be answered
         self._wake_writer()
         self._notify()
 
@@ -387,57 +415,8 @@ class AsyncFlareAgent:
                 await stream.aclose()
             return None
 
-        def handle(message: Message) -> None:
-            events = protocol.receive(message)
-            for event in events:
-                if isinstance(event, Welcomed):
-                    self._welcomes += 1
-                    connection.read_timeout_changed()  # the site's heartbeat timeout from now on
-                    if self._welcome_scope is not None:
-                        self._welcome_scope.deadline = math.inf
-                    if task_status is not None:
-                        # From now on the connection outlives a cancelled ``async with`` body
-                        # until stop() ends it, so results submitted in that body are still
-                        # delivered; until now, cancelling start() cancels the connect.
-                        self._run_scope.shield = True
-                        task_status.started()
-                elif isinstance(event, Rejected):
-                    self._rejection = event.reason
-                    logger.error("agent %s: %s", self.agent_id, protocol.close_reason)
-                elif isinstance(event, BadTask):
-                    logger.error(
-                        "task %s has bad data (%s); answered BAD_TASK_DATA",
-                        event.task_id,
-                        event.reason,
-                    )
-                elif isinstance(event, TaskAborted):
-                    logger.info("task %s was aborted by the site", event.task_id)
-                elif isinstance(event, Settled) and not event.submission.accepted:
-                    logger.info(
-                        "result of task %s refused: %s",
-                        event.submission.task_id,
-                        event.submission.reason,
-                    )
-            if events:
-                self._notify()
-
-        def read_timeout() -> float:
-            timeout = protocol.heartbeat_timeout
-            return self._connect_timeout if timeout is None else timeout
-
-        connection = Connection(
-            stream,
-            data_to_send=lambda: protocol.data_to_send(flush_acks=False),
-            deferred=lambda: ACK_DELAY if protocol.has_deferred else None,
-            flush_deferred=protocol.data_to_send,
-            handle=handle,
-            finished=lambda: protocol.state is AgentState.CLOSED,
-            read_timeout=read_timeout,
-            idle_interval=lambda: protocol.heartbeat_interval,
-            on_idle=protocol.heartbeat,
-            on_progress=self._on_progress,
-            on_protocol_error=lambda exc: self._close(f"protocol error: {exc}", exc),
-        )
+        side = _AgentSide(self, task_status)
+        connection = side.connection = Connection(stream, side, on_progress=self._on_progress)
         protocol.connection_made(os.urandom(16))
         self._connection = connection
         try:
@@ -470,3 +449,82 @@ class AsyncFlareAgent:
                 ) from error
             await anyio.sleep(min(delay * random.uniform(0.5, 1.5), remaining))
             delay = min(delay * 2, self._max_backoff)
+
+
+class _AgentSide:
+    """The agent's side of one connection, as its `Connection` drives it (`ConnectionHandler`):
+    the protocol's messages out, the site's in, and what the site's messages mean here."""
+
+    def __init__(self, agent: AsyncFlareAgent, task_status: TaskStatus[None] | None) -> None:
+        self._agent = agent
+        self._protocol = agent._protocol
+        self._task_status = task_status  # start()'s, until the first welcome
+        self.connection: Connection | None = None
+
+    def data_to_send(self) -> list[Message]:
+        return self._protocol.data_to_send(flush_acks=False)
+
+    def deferred_delay(self) -> float | None:
+        return ACK_DELAY if self._protocol.has_deferred else None
+
+    def flush_deferred(self) -> list[Message]:
+        return self._protocol.data_to_send()
+
+    def finished(self) -> bool:
+        return self._protocol.state is AgentState.CLOSED
+
+    def read_timeout(self) -> float:
+        timeout = self._protocol.heartbeat_timeout
+        return self._agent._connect_timeout if timeout is None else timeout
+
+    def idle_interval(self) -> float | None:
+        return self._protocol.heartbeat_interval
+
+    def idle(self) -> None:
+        self._protocol.heartbeat()
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        self._agent._close(f"protocol error: {error}", error)
+
+    def handle(self, message: Message) -> None:
+        agent, protocol = self._agent, self._protocol
+        events = protocol.receive(message)
+        for event in events:
+            if isinstance(event, WelcomeReceived):
+                self._welcomed()
+            elif isinstance(event, RejectReceived):
+                agent._rejection = event.reason
+                logger.error("agent %s: %s", agent.agent_id, protocol.close_reason)
+            elif isinstance(event, BadTaskReceived):
+                logger.error(
+                    "task %s has bad data (%s); answered BAD_TASK_DATA", event.task_id, event.reason
+                )
+            elif isinstance(event, AbortReceived):
+                logger.info("task %s was aborted by the site", event.task_id)
+                if event.fetched:
+                    agent._abort_task(event.task_id)
+            elif isinstance(event, ResultSettled) and not event.submission.accepted:
+                logger.info(
+                    "result of task %s refused: %s",
+                    event.submission.task_id,
+                    event.submission.reason,
+                )
+        if protocol.state is AgentState.CLOSED:  # the site said goodbye, or refused the agent
+            agent._abort_task()
+        if events:
+            agent._notify()
+
+    def _welcomed(self) -> None:
+        agent = self._agent
+        agent._welcomes += 1
+        assert self.connection is not None
+        self.connection.read_timeout_changed()  # the site's heartbeat timeout from now on
+        if agent._welcome_scope is not None:
+            agent._welcome_scope.deadline = math.inf
+        if self._task_status is not None:
+            # From now on the connection outlives a cancelled ``async with`` body until stop()
+            # ends it, so results submitted in that body are still delivered; until now,
+            # cancelling start() cancels the connect.
+            agent._run_scope.shield = True
+            self._task_status.started()
+            self._task_status = None

@@ -14,11 +14,15 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
-
-import anyio
+from typing import TYPE_CHECKING, Any
 
 from .exceptions import AgentClosed, CallStateError
+
+if TYPE_CHECKING:
+    import anyio
+
+# No event loop library is imported here: the contract's names, and the sans-IO protocol that
+# uses them, import without one. The async helpers of `Task` import anyio when they are called.
 
 __all__ = [
     "RC",
@@ -116,8 +120,12 @@ class Task:
             if callback in self._abort_callbacks:
                 self._abort_callbacks.remove(callback)
 
-    def _set_aborted(self) -> None:
-        """Mark the task aborted and run its abort callbacks (called by the agent)."""
+    def set_aborted(self) -> None:
+        """Mark the task aborted and run its abort callbacks, once.
+
+        The agent calls it when the site gives up on the task; a test of a trainer may call it to
+        play the site. It runs the callbacks in the calling thread.
+        """
         with self._abort_lock:
             if self._aborted:
                 return
@@ -128,6 +136,8 @@ class Task:
 
     async def wait_aborted(self) -> None:
         """Wait until the site aborts this task. Call it in the agent's event loop."""
+        import anyio
+
         event = anyio.Event()
         remove = self.add_abort_callback(event.set)
         try:
@@ -146,6 +156,8 @@ class Task:
             if task.aborted:
                 ...  # submit_result would return False: the site no longer wants it
         """
+        import anyio
+
         with anyio.CancelScope() as scope:
             remove = self.add_abort_callback(scope.cancel)
             try:

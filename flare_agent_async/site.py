@@ -13,6 +13,7 @@ import ssl
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
@@ -124,10 +125,9 @@ class FlareSite:
         self._on_log = on_log
         self._group: TaskGroup | None = None
         self._changed: anyio.Event | None = None
-        self._sessions: dict[str, SiteSession] = {}
-        self._gone: OrderedDict[str, SiteSession] = OrderedDict()  # oldest first
-        self._connections: dict[str, Connection] = {}
-        self._expiries: dict[str, anyio.CancelScope] = {}
+        self._agents: dict[str, _Agent] = {}
+        self._gone: OrderedDict[str, _Agent] = OrderedDict()  # oldest first
+        self._live_connections = 0  # agents' connections being served, replaced ones included
         self._waiters: dict[SiteTask, anyio.Event] = {}
         self._listeners: list[MessageListener] = []
         self._closing = False
@@ -143,15 +143,11 @@ class FlareSite:
     @property
     def agents(self) -> frozenset[str]:
         """The ids of the agents connected right now."""
-        return frozenset(filter(self._is_connected, self._connections))
+        return frozenset(agent_id for agent_id, agent in self._agents.items() if agent.connected)
 
     def _is_connected(self, agent_id: str) -> bool:
-        session = self._sessions.get(agent_id)
-        return (
-            agent_id in self._connections
-            and session is not None
-            and session.state is SessionState.CONNECTED
-        )
+        agent = self._agents.get(agent_id)
+        return agent is not None and agent.connected
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -175,13 +171,12 @@ class FlareSite:
         with anyio.CancelScope(shield=True):
             for listener in self._listeners:
                 await listener.aclose()
-            for session in self._sessions.values():
-                self._finished(session.close("the site is shutting down"))
-                connection = self._connections.get(session.agent_id)
-                if connection is not None:
-                    connection.wake()
+            for agent in self._agents.values():
+                self._finished(agent.session.close("the site is shutting down"))
+                if agent.connection is not None:
+                    agent.connection.wake()
             with anyio.move_on_after(self._close_timeout):
-                while self._connections:
+                while self._live_connections:
                     await self._wait_changed()
         group.cancel_scope.cancel()
         return await group.__aexit__(exc_type, exc, tb)
@@ -290,13 +285,13 @@ class FlareSite:
         return self._group
 
     def _session(self, agent_id: str) -> SiteSession:
-        session = self._sessions.get(agent_id)
-        if session is None:
+        agent = self._agents.get(agent_id)
+        if agent is None:
             raise UnknownAgent(
                 f"no agent {agent_id!r} has connected to site {self.site_name!r}; "
                 "wait for it with wait_for_agent"
             )
-        return session
+        return agent.session
 
     async def _wait_changed(self) -> None:
         """Wait for the next change (an agent came or went); an event is made only on demand."""
@@ -310,9 +305,9 @@ class FlareSite:
             changed.set()
 
     def _wake(self, agent_id: str) -> None:
-        connection = self._connections.get(agent_id)
-        if connection is not None:
-            connection.wake()
+        agent = self._agents.get(agent_id)
+        if agent is not None and agent.connection is not None:
+            agent.connection.wake()
 
     def _finished(self, tasks: list[SiteTask]) -> None:
         for task in tasks:
@@ -396,92 +391,139 @@ class FlareSite:
 
     async def _serve_agent(self, stream: MessageStream, hello: Hello, proof: bytes) -> None:
         agent_id = hello.agent_id
-        session = self._sessions.get(agent_id)
-        if session is None or session.state is SessionState.GONE:
-            session = self._sessions[agent_id] = SiteSession(agent_id, self._config)
-        previous = self._connections.get(agent_id)
+        agent = self._agents.get(agent_id)
+        previous = agent.connection if agent is not None else None
+        if agent is None or agent.session.state is SessionState.GONE:
+            agent = self._agents[agent_id] = _Agent(SiteSession(agent_id, self._config))
         if previous is not None:
             logger.warning("agent %s connected again; dropping its older connection", agent_id)
             previous.close()
-        expiry = self._expiries.pop(agent_id, None)
-        if expiry is not None:
-            expiry.cancel()
-
-        def data_to_send() -> list[Message]:
-            if self._connections.get(agent_id) is not connection:
-                return []  # replaced: the session's messages belong to the newer connection
-            return session.data_to_send()
-
-        def handle(message: Message) -> None:
-            if self._connections.get(agent_id) is not connection:
-                return
-            for event in session.receive(message):
-                if isinstance(event, TaskFinished):
-                    self._finished([event.task])
-                elif isinstance(event, LogReceived):
-                    self._deliver_log(event.record)
-                elif isinstance(event, ResultRefused):
-                    logger.warning("refused a result from agent %s: %s", agent_id, event.reason)
-            if session.state is SessionState.GONE:
-                self._notify()
-
-        def on_protocol_error(error: ProtocolError) -> None:
-            if self._connections.get(agent_id) is not connection:
-                return
-            logger.warning("agent %s broke the protocol: %s", agent_id, error)
-            self._finished(session.close(f"protocol error: {error}"))
-            self._notify()
-
-        connection = Connection(
+        if agent.expiry is not None:
+            agent.expiry.cancel()
+            agent.expiry = None
+        session = agent.session
+        side = _SiteSide(self, agent)
+        connection = side.connection = Connection(
             stream,
-            data_to_send=data_to_send,
-            handle=handle,
-            finished=lambda: session.state is SessionState.GONE,
-            read_timeout=lambda: self._config.heartbeat_timeout,
+            side,
             on_progress=None if self._on_progress is None else partial(self._on_progress, agent_id),
-            on_protocol_error=on_protocol_error,
             max_handled_while_sending=_MAX_HANDLED_WHILE_SENDING,
         )
         session.connection_made(hello, proof)
-        self._connections[agent_id] = connection
+        agent.connection = connection
+        self._live_connections += 1
         self._notify()
         logger.info("agent %s connected", agent_id)
         try:
             error = await connection.run()
         finally:
-            if self._connections.get(agent_id) is connection:
-                del self._connections[agent_id]
+            self._live_connections -= 1
+            if agent.connection is connection:
+                agent.connection = None
                 session.connection_lost()
                 if session.state is SessionState.GONE:
-                    self._forget_later(session)
+                    self._forget_later(agent)
                 elif self._group is not None:
                     # The scope exists before the task runs, so a quick reconnect can cancel it.
-                    expiry = self._expiries[agent_id] = anyio.CancelScope()
-                    self._group.start_soon(self._expire, session, expiry)
+                    expiry = agent.expiry = anyio.CancelScope()
+                    self._group.start_soon(self._expire, agent, expiry)
             self._notify()
         logger.info("agent %s disconnected: %s", agent_id, error or "goodbye")
 
-    async def _expire(self, session: SiteSession, scope: anyio.CancelScope) -> None:
+    async def _expire(self, agent: _Agent, scope: anyio.CancelScope) -> None:
         """Give up on a disconnected agent after ``reconnect_timeout``, unless it returns."""
         with scope:
             await anyio.sleep(self._reconnect_timeout)
         # A reconnect in the same instant may have cancelled the scope too late to stop the sleep.
-        if scope.cancel_called or self._expiries.get(session.agent_id) is not scope:
+        if scope.cancel_called or agent.expiry is not scope:
             return
-        del self._expiries[session.agent_id]
+        agent.expiry = None
+        session = agent.session
         if session.state is SessionState.DISCONNECTED:
             reason = f"it did not reconnect within {self._reconnect_timeout:g} s"
             logger.warning("agent %s is gone: %s", session.agent_id, reason)
             self._finished(session.give_up(reason))
-            self._forget_later(session)
+            self._forget_later(agent)
             self._notify()
 
-    def _forget_later(self, session: SiteSession) -> None:
-        """Remember a gone session among the last few; forget the oldest beyond them."""
+    def _forget_later(self, agent: _Agent) -> None:
+        """Remember a gone agent among the last few; forget the oldest beyond them."""
         gone = self._gone
-        gone[session.agent_id] = session
-        gone.move_to_end(session.agent_id)
+        agent_id = agent.session.agent_id
+        gone[agent_id] = agent
+        gone.move_to_end(agent_id)
         while len(gone) > _GONE_SESSIONS_KEPT:
             agent_id, old = gone.popitem(last=False)
-            if self._sessions.get(agent_id) is old:  # not replaced by a newer session since
-                del self._sessions[agent_id]
+            if self._agents.get(agent_id) is old:  # not replaced by a newer session since
+                del self._agents[agent_id]
+
+
+@dataclass(eq=False)
+class _Agent:
+    """What the site keeps of one agent id: its session, which outlives connections; the
+    connection serving it now; the timer that gives up on it while it is away."""
+
+    session: SiteSession
+    connection: Connection | None = None
+    expiry: anyio.CancelScope | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None and self.session.state is SessionState.CONNECTED
+
+
+class _SiteSide:
+    """The site's side of one agent's connection, as its `Connection` drives it
+    (`ConnectionHandler`). Once a newer connection of the same agent replaces it, it sends and
+    takes in nothing more: the session's messages belong to the newer one."""
+
+    def __init__(self, site: FlareSite, agent: _Agent) -> None:
+        self._site = site
+        self._agent = agent
+        self._session = agent.session
+        self.connection: Connection | None = None
+
+    def _replaced(self) -> bool:
+        return self._agent.connection is not self.connection
+
+    def data_to_send(self) -> list[Message]:
+        return [] if self._replaced() else self._session.data_to_send()
+
+    def deferred_delay(self) -> float | None:
+        return None
+
+    def flush_deferred(self) -> list[Message]:
+        return []
+
+    def finished(self) -> bool:
+        return self._session.state is SessionState.GONE
+
+    def read_timeout(self) -> float:
+        return self._site._config.heartbeat_timeout
+
+    def idle_interval(self) -> float | None:
+        return None  # the agents send the heartbeats; the site answers them
+
+    def idle(self) -> None:
+        return None
+
+    def handle(self, message: Message) -> None:
+        if self._replaced():
+            return
+        site, session = self._site, self._session
+        for event in session.receive(message):
+            if isinstance(event, TaskFinished):
+                site._finished([event.task])
+            elif isinstance(event, LogReceived):
+                site._deliver_log(event.record)
+            elif isinstance(event, ResultRefused):
+                logger.warning("refused a result from agent %s: %s", session.agent_id, event.reason)
+        if session.state is SessionState.GONE:
+            site._notify()
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        if self._replaced():
+            return
+        logger.warning("agent %s broke the protocol: %s", self._session.agent_id, error)
+        self._site._finished(self._session.close(f"protocol error: {error}"))
+        self._site._notify()

@@ -39,8 +39,11 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
+import anyio.from_thread
+from anyio import RunFinishedError
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.lowlevel import EventLoopToken, current_token
 
 from ._validate import check_timeout
 from .agent import AsyncFlareAgent
@@ -71,6 +74,7 @@ class _Runner:
         self._portal: BlockingPortal | None = None
         self._hosted: concurrent.futures.Future[None] | None = None
         self._thread: threading.Thread | None = None
+        self._token: EventLoopToken | None = None
         self._stop_requested: anyio.Event | None = None
         self._closed = False
         self._lock = threading.RLock()  # re-entrant: stop() from a signal handler in close()
@@ -80,14 +84,14 @@ class _Runner:
         whichever thread; then the portal stops too, and the thread ends."""
         self._stop_requested = anyio.Event()
         async with self._agent:
-            task_status.started(threading.current_thread())
+            task_status.started((threading.current_thread(), current_token()))
             await self._stop_requested.wait()
         await portal.stop()
 
     def start(self) -> None:
         portal = self._portal_context.__enter__()
         try:
-            self._hosted, self._thread = portal.start_task(self._host, portal)
+            self._hosted, (self._thread, self._token) = portal.start_task(self._host, portal)
         except BaseException as exc:
             # A failed connect, or an interrupted wait for it (KeyboardInterrupt): leaving the
             # portal with the error cancels whatever still runs there, then joins the thread.
@@ -99,6 +103,25 @@ class _Runner:
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
+    def _refuse_in_loop_thread(self) -> None:
+        if self.in_loop_thread():
+            raise CallStateError(
+                "a blocking call from the agent's own thread (an abort callback?) would wait "
+                "forever; abort callbacks must not block"
+            )
+
+    def call_sync(self, function: Callable[[], T]) -> T:
+        """``function()`` in the agent's loop, outside any task: one trip there and back (a
+        `portal.call` makes two), for calls that never wait."""
+        token = self._token
+        if token is None or self._closed:
+            raise AgentClosed("the agent is stopped")
+        self._refuse_in_loop_thread()
+        try:
+            return anyio.from_thread.run_sync(function, token=token)
+        except RunFinishedError as exc:
+            raise AgentClosed("the agent is stopped") from exc
+
     def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``function(*args)`` in the agent's loop, waited for.
 
@@ -108,11 +131,7 @@ class _Runner:
         portal = self._portal
         if portal is None or self._closed:
             raise AgentClosed("the agent is stopped")
-        if self.in_loop_thread():
-            raise CallStateError(
-                "a blocking call from the agent's own thread (an abort callback?) would wait "
-                "forever; abort callbacks must not block"
-            )
+        self._refuse_in_loop_thread()
         try:
             future = portal.start_task_soon(function, *args)
         except RuntimeError as exc:  # the portal has stopped
@@ -247,7 +266,11 @@ class SyncFlareAgent(FlareAgent):
         :raises ValueError: ``timeout`` is not positive.
         """
         check_timeout(timeout)
-        return self._running().call(self._agent.get_task, timeout)
+        runner = self._running()
+        # A training loop's next task usually arrives with the acknowledgement of its last
+        # result: then one light trip takes it, and no task is started in the loop for the call.
+        task = runner.call_sync(self._agent.get_task_nowait)
+        return task if task is not None else runner.call(self._agent.get_task, timeout)
 
     def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result; blocks until the site acknowledged it.

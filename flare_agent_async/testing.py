@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -30,12 +31,13 @@ from .protocol import (
     Bye,
     Challenge,
     Hello,
+    Limits,
     Message,
     Proof,
     Reject,
     Welcome,
+    encode_frame,
 )
-from .protocol._codec import encode_frame
 from .site import FlareSite
 from .transports import (
     ByteStream,
@@ -43,6 +45,7 @@ from .transports import (
     FramedMessageStream,
     MessageListener,
     MessageStream,
+    TransportOptions,
     connector_for,
     create_listener,
 )
@@ -111,8 +114,8 @@ async def run_trainer(
 class ScriptedPeer:
     """The site end of agents' connections, driven by hand: for tests of the agent's rules.
 
-    It listens at ``url`` (``memory://`` by default; any transport URL works, with ``options``
-    such as ``ssl_context``)::
+    It listens at ``url`` (``memory://`` by default; any transport URL works, with its
+    ``ssl_context`` and ``limits``)::
 
         async with ScriptedPeer("site-1") as peer, anyio.create_task_group() as group:
             stream = await peer.start_agent(agent, group)  # hello read and welcomed
@@ -128,13 +131,14 @@ class ScriptedPeer:
         url: str = "memory://",
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 30.0,
-        **options: Any,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.site_name = site_name
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._listen_url = url
-        self._options = options
+        self._options = TransportOptions(ssl_context=ssl_context, limits=limits)
         self._listener: MessageListener | None = None
         self._accepted_send, self._accepted = anyio.create_memory_object_stream[MessageStream](
             math.inf
@@ -150,7 +154,10 @@ class ScriptedPeer:
         return self._listener.url
 
     async def __aenter__(self) -> ScriptedPeer:
-        self._listener = await create_listener(self._listen_url, **self._options)
+        options = self._options
+        self._listener = await create_listener(
+            self._listen_url, ssl_context=options.ssl_context, limits=options.limits
+        )
         group = self._group = anyio.create_task_group()
         await group.__aenter__()
         group.start_soon(self._listener.serve, self._accepted_send.send, group)
@@ -299,7 +306,7 @@ class _FaultyStream(ObjectStream[Message]):
         self._again: Message | None = None
         self._bytes: _FaultyBytes | None = None
         if isinstance(inner, FramedMessageStream):
-            self._bytes = inner._stream = _FaultyBytes(inner._stream, owner)
+            self._bytes = inner.byte_stream = _FaultyBytes(inner.byte_stream, owner)
 
     async def _lose(self, fault: str, message: Message) -> NoReturn:
         self._owner.faults[fault] += 1
@@ -404,8 +411,14 @@ class FaultyConnector(Connector):
     `faults` counts what was injected; `drop` closes the current connection at once.
     """
 
-    def __init__(self, inner: Connector | str, **options: Any) -> None:
-        self._inner = connector_for(inner, **options)
+    def __init__(
+        self,
+        inner: Connector | str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self._inner = connector_for(inner, ssl_context=ssl_context, limits=limits)
         self.url = self._inner.url
         self._rules: list[tuple[str, str, Callable[[Message], bool]]] = []
         self._byte_rules: dict[str, list[int]] = {"send": [], "receive": []}

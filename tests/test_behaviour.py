@@ -8,6 +8,7 @@ the agent's loop are in test_agent.py.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -20,7 +21,6 @@ from conftest import Agent, assign
 from flare_agent_async import (
     RC,
     AgentClosed,
-    AsyncFlareAgent,
     CallStateError,
     FlareSite,
     Task,
@@ -36,11 +36,12 @@ from flare_agent_async.protocol import (
     Result,
     ResultAck,
     TaskAck,
+    TaskAssign,
     _payload,
     register_payload_type,
 )
-from flare_agent_async.testing import ScriptedPeer
-from flare_agent_async.transports import MessageStream
+from flare_agent_async.testing import FaultyConnector, ScriptedPeer
+from flare_agent_async.transports import MessageStream, connector_for
 
 pytestmark = pytest.mark.anyio
 
@@ -64,12 +65,6 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
         while not condition():  # noqa: ASYNC110 - the state lives in another thread's loop
             await anyio.sleep(0.005)
     assert condition(), what
-
-
-def has_pending_task(agent: Agent) -> bool:
-    """Whether a task waits at the agent, unfetched (its state, read across threads)."""
-    inner = agent if isinstance(agent, AsyncFlareAgent) else agent.agent._agent
-    return inner._protocol.has_pending_task
 
 
 async def test_get_task_before_start_is_a_call_state_error(make_agent: MakeAgent) -> None:
@@ -328,24 +323,30 @@ async def test_submit_result_returns_the_sites_verdict_once_it_arrives(
 async def test_a_task_aborted_before_fetch_is_dropped(
     make_agent: MakeAgent, listen_url: str
 ) -> None:
-    async with connected(make_agent, listen_url) as (site, agent), anyio.create_task_group() as g:
-        outcome: list[TaskAborted] = []
+    async with FlareSite("site-1") as site:
+        faulty = FaultyConnector(connector_for(await site.listen(listen_url)))
+        reached, dropped = threading.Event(), threading.Event()  # set in the agent's loop
+        faulty.after_receive(lambda m: isinstance(m, TaskAssign), reached.set)
+        faulty.after_receive(lambda m: isinstance(m, Abort), dropped.set)
+        agent = make_agent(faulty, agent_id="agent-1", site_name="site-1")
+        async with agent, anyio.create_task_group() as g:
+            outcome: list[TaskAborted] = []
 
-        async def run() -> None:
-            with pytest.raises(TaskAborted) as info:
-                await site.run_task("agent-1", "train", 1, task_id="t1")
-            outcome.append(info.value)
+            async def run() -> None:
+                with pytest.raises(TaskAborted) as info:
+                    await site.run_task("agent-1", "train", 1, task_id="t1")
+                outcome.append(info.value)
 
-        g.start_soon(run)
-        await wait_until(lambda: has_pending_task(agent), "the task reached the agent")
-        assert await site.abort_task("agent-1", "t1")
-        await wait_until(lambda: not has_pending_task(agent), "the abort reached the agent")
-        assert await agent.get_task(timeout=0.05) is None
-        g.start_soon(site.run_task, "agent-1", "train", 2)
-        task = await agent.get_task(timeout=5)
-        assert task is not None and task.data == 2  # not wedged, unlike NVFlare's agent
-        assert await agent.submit_result(OK)
-        assert len(outcome) == 1
+            g.start_soon(run)
+            await wait_until(reached.is_set, "the task reached the agent")
+            assert await site.abort_task("agent-1", "t1")
+            await wait_until(dropped.is_set, "the abort reached the agent")
+            assert await agent.get_task(timeout=0.05) is None
+            g.start_soon(site.run_task, "agent-1", "train", 2)
+            task = await agent.get_task(timeout=5)
+            assert task is not None and task.data == 2  # not wedged, unlike NVFlare's agent
+            assert await agent.submit_result(OK)
+            assert len(outcome) == 1
 
 
 async def test_a_fetched_task_aborted_by_the_site_is_marked_and_its_result_not_sent(

@@ -471,22 +471,22 @@ def test_set_aborted_runs_callbacks_once() -> None:
     task.add_abort_callback(lambda: calls.append("first"))
     task.add_abort_callback(lambda: calls.append("second"))
     assert calls == []
-    task._set_aborted()
+    task.set_aborted()
     assert task.aborted is True
     assert calls == ["first", "second"]
-    task._set_aborted()
+    task.set_aborted()
     assert task.aborted is True
     assert calls == ["first", "second"]
 
 
 def test_abort_callback_added_after_abort_runs_immediately() -> None:
     task = Task("train", "t1", {}, None)
-    task._set_aborted()
+    task.set_aborted()
     calls: list[int] = []
     remove = task.add_abort_callback(lambda: calls.append(1))
     assert calls == [1]
     remove()
-    task._set_aborted()
+    task.set_aborted()
     assert calls == [1]
 
 
@@ -497,5 +497,5 @@ def test_removed_abort_callback_does_not_run() -> None:
     task.add_abort_callback(lambda: calls.append("kept"))
     remove()
     remove()  # a second removal is harmless
-    task._set_aborted()
+    task.set_aborted()
     assert calls == ["kept"]

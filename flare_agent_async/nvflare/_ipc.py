@@ -28,7 +28,6 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -59,9 +58,9 @@ from ..protocol import (
     TaskAssign,
     Welcome,
 )
-from ..transports import Connector, MessageStream
+from ..transports import Connector, MessageListener, MessageStream, Scheme, TransportOptions
 
-__all__ = ["SCHEME", "IPCConnector"]
+__all__ = ["IPC_SCHEME", "SCHEME", "IPCConnector"]
 
 SCHEME = "nvflare-ipc"
 
@@ -100,7 +99,7 @@ class IPCConnector(Connector):
     :raises ValueError: the URL is malformed or has an unknown or bad option.
     """
 
-    def __init__(self, url: str, **_: Any) -> None:
+    def __init__(self, url: str) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != SCHEME or not parsed.hostname or parsed.port is None:
             raise ValueError(f"{url!r} is not an {SCHEME}://host:port URL")
@@ -334,3 +333,11 @@ class _ReplyFirst(concurrent.futures.Future[CellMessage]):
     ) -> None:
         super().add_done_callback(fn)
         self._then()
+
+
+async def _nothing_listens(url: str, options: TransportOptions) -> MessageListener:
+    raise ValueError(f"{url!r}: agents connect to nvflare-ipc:// URLs; an NVFlare job is the site")
+
+
+IPC_SCHEME = Scheme(lambda url, _: IPCConnector(url), _nothing_listens, frozenset())
+"""The ``nvflare-ipc://`` scheme; `flare_agent_async.transports` loads it by name when used."""

@@ -16,6 +16,13 @@ Task states, one task at a time (NVFlare's rule)::
     pending --fetch_task--> current --submit--> submitted --ResultAck--> settled
     pending --Abort--> dropped          current --Abort or newer task--> aborted
 
+The machine knows tasks by id: `fetch_task` hands over the site's `TaskAssign`, and the driver
+makes the trainer's `Task` of it, signals its abort when an `AbortReceived` event says so, and
+runs the trainer's abort callbacks. Nothing here runs user code.
+
+`receive` looks up each message in a table keyed by connection state and message type
+(`_TRANSITIONS`); a message the table does not name is the site's protocol error.
+
 Guarantees the machine keeps, whatever the connection does:
 
 * a task id is handed to the trainer at most once (resends are acknowledged and dropped);
@@ -27,10 +34,11 @@ Guarantees the machine keeps, whatever the connection does:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..defs import RC, Task, TaskResult
+from ..defs import RC, TaskResult
 from ..exceptions import AgentClosed, CallStateError, LocalProtocolError, RemoteProtocolError
 from ._auth import agent_proof, site_proof, verify
 from ._messages import (
@@ -58,19 +66,23 @@ ACK_DELAY = 0.01
 
 __all__ = [
     "ACK_DELAY",
+    "AbortReceived",
+    "AgentEvent",
     "AgentProtocol",
     "AgentState",
-    "BadTask",
-    "Closed",
-    "Rejected",
+    "BadTaskReceived",
+    "ByeReceived",
+    "RejectReceived",
+    "ResultSettled",
     "Submission",
-    "TaskAborted",
-    "TaskArrived",
-    "Welcomed",
+    "TaskReceived",
+    "WelcomeReceived",
 ]
 
 
 class AgentState(enum.Enum):
+    """Where the agent's connection stands; see the module docstring for the transitions."""
+
     IDLE = "idle"
     HANDSHAKE = "handshake"
     READY = "ready"
@@ -87,46 +99,75 @@ class Submission:
     reason: str = ""
 
 
-# Events returned by `AgentProtocol.receive`.
+# Events returned by `AgentProtocol.receive`: what the site's message meant.
 @dataclass(frozen=True)
-class Welcomed:
+class WelcomeReceived:
+    """The site welcomed the agent: the connection is ready, with these liveness settings."""
+
     heartbeat_interval: float
     heartbeat_timeout: float
 
 
 @dataclass(frozen=True)
-class Rejected:
+class RejectReceived:
+    """The site refused the agent; the machine is closed. The driver raises
+    `ConnectionRejected` with ``reason`` from ``start``."""
+
     reason: str
 
 
 @dataclass(frozen=True)
-class TaskArrived:
-    task: Task
+class TaskReceived:
+    """A new task is pending; `AgentProtocol.fetch_task` hands it over."""
+
+    task_id: str
+    task_name: str
 
 
 @dataclass(frozen=True)
-class TaskAborted:
+class AbortReceived:
+    """The site gave up on a task: by an abort, or by sending a newer task (NVFlare's rule).
+
+    ``fetched`` tells whether the trainer has it: then the driver signals the abort on the
+    trainer's `Task`, and the task's result will not be sent. An unfetched task is just dropped.
+    """
+
     task_id: str
     fetched: bool
 
 
 @dataclass(frozen=True)
-class BadTask:
+class BadTaskReceived:
+    """A task whose fields cannot reach a trainer; it was answered with ``RC.BAD_TASK_DATA``."""
+
     task_id: str
     reason: str
 
 
 @dataclass(frozen=True)
-class Settled:
+class ResultSettled:
+    """The site acknowledged a submitted result: ``submission.accepted`` says whether it kept it."""
+
     submission: Submission
 
 
 @dataclass(frozen=True)
-class Closed:
+class ByeReceived:
+    """The site said goodbye; the machine is closed, and the driver's waiting calls end."""
+
     reason: str
 
 
-Event = Welcomed | Rejected | TaskArrived | TaskAborted | BadTask | Settled | Closed
+AgentEvent = (
+    WelcomeReceived
+    | RejectReceived
+    | TaskReceived
+    | AbortReceived
+    | BadTaskReceived
+    | ResultSettled
+    | ByeReceived
+)
+"""Any event `AgentProtocol.receive` returns."""
 
 
 def _task_data_problem(message: TaskAssign) -> str | None:
@@ -166,8 +207,9 @@ class AgentProtocol:
     logs_dropped: int = field(default=0, init=False)
 
     _outbox: list[Message] = field(default_factory=list, init=False)
-    _pending: Task | None = field(default=None, init=False)
-    _current: Task | None = field(default=None, init=False)
+    _pending: TaskAssign | None = field(default=None, init=False)
+    _current_id: str | None = field(default=None, init=False)  # fetched, not yet submitted
+    _current_aborted: bool = field(default=False, init=False)
     _unsettled: dict[str, Submission] = field(default_factory=dict, init=False)
     _seen: RecentIds[None] = field(default_factory=RecentIds, init=False)
     _queued_logs: list[Log] = field(default_factory=list, init=False)
@@ -235,12 +277,12 @@ class AgentProtocol:
             submission.accepted = False
             submission.reason = f"the agent closed before the site acknowledged: {reason}"
         self._unsettled.clear()
-        if self._current is not None:
-            self._current._set_aborted()
+        if self._current_id is not None:
+            self._current_aborted = True
 
     # -- messages from the site -----------------------------------------------------------------
 
-    def receive(self, message: Message) -> list[Event]:
+    def receive(self, message: Message) -> list[AgentEvent]:
         """Take in one message from the site; returns what happened.
 
         :raises RemoteProtocolError: the site broke the protocol; close this connection.
@@ -248,42 +290,39 @@ class AgentProtocol:
         state = self.state
         if state is AgentState.CLOSED:
             return []
-        if state is AgentState.HANDSHAKE:
-            if isinstance(message, Welcome):
-                return self._welcomed(message)
-            if isinstance(message, Challenge) and self._site_nonce is None:
-                self._site_nonce = message.nonce
-                assert self._hello is not None
-                mac = (
-                    b""
-                    if self.secret is None
-                    else agent_proof(self.secret, self._hello, message.nonce)
-                )
-                self._outbox.append(Proof(mac=mac))
-                return []
-            if isinstance(message, Reject):
-                reason = message.reason
-                if self._site_nonce is not None and self.secret is None:
-                    reason += " (the site requires a shared secret, and this agent has none)"
-                self._close(f"the site rejected the agent: {reason}")
-                return [Rejected(reason)]
-        elif state is AgentState.READY:
-            if isinstance(message, TaskAssign):
-                return self._task_assigned(message)
-            if isinstance(message, Abort):
-                return self._abort(message.task_id)
-            if isinstance(message, ResultAck):
-                return self._result_acked(message)
-            if isinstance(message, Heartbeat):
-                return []
-            if isinstance(message, Bye):
-                self._close(f"the site said goodbye: {message.reason}")
-                return [Closed(message.reason)]
-        raise RemoteProtocolError(
-            f"unexpected {type(message).__name__} message from the site in state {state.value}"
-        )
+        transition = _TRANSITIONS.get((state, type(message)))
+        if transition is None:
+            raise RemoteProtocolError(
+                f"unexpected {type(message).__name__} message from the site in state {state.value}"
+            )
+        return transition(self, message)
 
-    def _welcomed(self, message: Welcome) -> list[Event]:
+    def _challenged(self, message: Challenge) -> list[AgentEvent]:
+        if self._site_nonce is not None:
+            raise RemoteProtocolError(
+                "unexpected Challenge message from the site in state handshake (a second one)"
+            )
+        self._site_nonce = message.nonce
+        assert self._hello is not None
+        mac = b"" if self.secret is None else agent_proof(self.secret, self._hello, message.nonce)
+        self._outbox.append(Proof(mac=mac))
+        return []
+
+    def _rejected(self, message: Reject) -> list[AgentEvent]:
+        reason = message.reason
+        if self._site_nonce is not None and self.secret is None:
+            reason += " (the site requires a shared secret, and this agent has none)"
+        self._close(f"the site rejected the agent: {reason}")
+        return [RejectReceived(reason)]
+
+    def _said_bye(self, message: Bye) -> list[AgentEvent]:
+        self._close(f"the site said goodbye: {message.reason}")
+        return [ByeReceived(message.reason)]
+
+    def _heartbeat_answered(self, message: Heartbeat) -> list[AgentEvent]:
+        return []
+
+    def _welcomed(self, message: Welcome) -> list[AgentEvent]:
         if message.protocol_version != PROTOCOL_VERSION or message.site_name != self.site_name:
             raise RemoteProtocolError(
                 f"welcome from site {message.site_name!r} with protocol version "
@@ -303,9 +342,9 @@ class AgentProtocol:
         self._outbox.extend(s.message for s in self._unsettled.values())
         self._outbox.extend(self._queued_logs)
         self._queued_logs.clear()
-        return [Welcomed(message.heartbeat_interval, message.heartbeat_timeout)]
+        return [WelcomeReceived(message.heartbeat_interval, message.heartbeat_timeout)]
 
-    def _task_assigned(self, message: TaskAssign) -> list[Event]:
+    def _task_assigned(self, message: TaskAssign) -> list[AgentEvent]:
         task_id = message.task_id
         self._outbox.append(TaskAck(task_id=task_id))
         if task_id in self._seen:
@@ -315,40 +354,40 @@ class AgentProtocol:
         if problem is not None:
             result = TaskResult({}, None, RC.BAD_TASK_DATA)
             self._queue_result(task_id, result)
-            return [BadTask(task_id, problem)]
-        events: list[Event] = []
-        current = self._current
-        if current is not None and not current.aborted:
+            return [BadTaskReceived(task_id, problem)]
+        events: list[AgentEvent] = []
+        if self._current_id is not None and not self._current_aborted:
             # NVFlare's rule: a newer task means the site gave up on the one being worked on.
-            current._set_aborted()
-            events.append(TaskAborted(current.task_id, fetched=True))
+            self._current_aborted = True
+            events.append(AbortReceived(self._current_id, fetched=True))
         if self._pending is not None:
-            events.append(TaskAborted(self._pending.task_id, fetched=False))
-        self._pending = Task(message.task_name, task_id, message.meta, message.data)
-        events.append(TaskArrived(self._pending))
+            events.append(AbortReceived(self._pending.task_id, fetched=False))
+        self._pending = message
+        events.append(TaskReceived(task_id, message.task_name))
         return events
 
-    def _abort(self, task_id: str) -> list[Event]:
+    def _aborted(self, message: Abort) -> list[AgentEvent]:
+        task_id = message.task_id
         self._seen.add(task_id, None)  # a resend of an aborted task must not revive it
         if self._pending is not None and self._pending.task_id == task_id:
             self._pending = None
-            return [TaskAborted(task_id, fetched=False)]
-        if self._current is not None and self._current.task_id == task_id:
-            self._current._set_aborted()
-            return [TaskAborted(task_id, fetched=True)]
+            return [AbortReceived(task_id, fetched=False)]
+        if self._current_id == task_id and not self._current_aborted:
+            self._current_aborted = True
+            return [AbortReceived(task_id, fetched=True)]
         return []
 
-    def _result_acked(self, message: ResultAck) -> list[Event]:
+    def _result_acked(self, message: ResultAck) -> list[AgentEvent]:
         submission = self._unsettled.pop(message.task_id, None)
         if submission is None:
             return []  # the ack of a resend that was already acknowledged
         submission.accepted = message.accepted
         submission.reason = message.reason
-        return [Settled(submission)]
+        return [ResultSettled(submission)]
 
     # -- the trainer's calls --------------------------------------------------------------------
 
-    def fetch_task(self) -> Task | None:
+    def fetch_task(self) -> TaskAssign | None:
         """Hand the pending task to the trainer, or None if there is none yet.
 
         :raises AgentClosed: the agent is closed.
@@ -356,18 +395,28 @@ class AgentProtocol:
         """
         if self.state is AgentState.CLOSED:
             raise AgentClosed(f"the agent is closed: {self.close_reason}")
-        current = self._current
-        if current is not None and not current.aborted:
+        if self._current_id is not None and not self._current_aborted:
             raise CallStateError(
-                f"get_task called while task {current} has no submitted result; "
+                f"get_task called while task '{self._current_id}' has no submitted result; "
                 "call submit_result first"
             )
         task = self._pending
         if task is None:
             return None
         self._pending = None
-        self._current = task
+        self._current_id = task.task_id
+        self._current_aborted = False
         return task
+
+    @property
+    def current_task_id(self) -> str | None:
+        """The task the trainer holds (fetched, its result not yet submitted), if any."""
+        return self._current_id
+
+    @property
+    def current_aborted(self) -> bool:
+        """Whether the site gave up on the task the trainer holds."""
+        return self._current_aborted
 
     def submit(self, result: TaskResult) -> Submission | None:
         """Submit the current task's result; None if it is not sent (aborted, or agent closed).
@@ -377,13 +426,13 @@ class AgentProtocol:
         """
         if not isinstance(result, TaskResult):
             raise TypeError(f"result must be a TaskResult, got {type(result).__name__}")
-        task = self._current
-        if task is None:
+        task_id = self._current_id
+        if task_id is None:
             raise CallStateError("submit_result called without a fetched task; call get_task first")
-        self._current = None
-        if task.aborted or self.state is AgentState.CLOSED:
+        self._current_id = None
+        if self._current_aborted or self.state is AgentState.CLOSED:
             return None
-        return self._queue_result(task.task_id, result)
+        return self._queue_result(task_id, result)
 
     def _queue_result(self, task_id: str, result: TaskResult) -> Submission:
         message = Result(
@@ -399,8 +448,7 @@ class AgentProtocol:
         """Queue a log record; kept while disconnected, up to ``max_queued_logs``."""
         if self.state is AgentState.CLOSED:
             raise AgentClosed(f"the agent is closed: {self.close_reason}")
-        task_id = self._current.task_id if self._current is not None else None
-        record = Log(key=key, value=value, step=step, task_id=task_id)
+        record = Log(key=key, value=value, step=step, task_id=self._current_id)
         if self.state is AgentState.READY:
             self._outbox.append(record)
         elif len(self._queued_logs) < self.max_queued_logs:
@@ -416,10 +464,21 @@ class AgentProtocol:
     # -- state for the driver -----------------------------------------------------------------
 
     @property
-    def has_pending_task(self) -> bool:
-        return self._pending is not None
-
-    @property
     def unsettled(self) -> int:
         """How many submitted results await the site's acknowledgement."""
         return len(self._unsettled)
+
+
+_Transition = Callable[[AgentProtocol, Any], list[AgentEvent]]
+
+_TRANSITIONS: dict[tuple[AgentState, type[Message]], _Transition] = {
+    (AgentState.HANDSHAKE, Challenge): AgentProtocol._challenged,
+    (AgentState.HANDSHAKE, Welcome): AgentProtocol._welcomed,
+    (AgentState.HANDSHAKE, Reject): AgentProtocol._rejected,
+    (AgentState.READY, TaskAssign): AgentProtocol._task_assigned,
+    (AgentState.READY, Abort): AgentProtocol._aborted,
+    (AgentState.READY, ResultAck): AgentProtocol._result_acked,
+    (AgentState.READY, Heartbeat): AgentProtocol._heartbeat_answered,
+    (AgentState.READY, Bye): AgentProtocol._said_bye,
+}
+"""What each message from the site does, by connection state (IDLE and CLOSED take none)."""

@@ -8,15 +8,15 @@ send some of a list of buffers, close. Sockets implement it without copies (``re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import ObjectStream
 
-from ..protocol import Message
-from ..protocol._codec import FrameError, FrameReader, Limits, encode_frame
+from ..protocol import FrameError, FrameReader, Limits, Message, encode_frame
+from ._base import MessageStreamAttribute, Progress
 
 __all__ = ["ByteStream", "FramedMessageStream", "Progress"]
 
@@ -63,19 +63,6 @@ class ByteStream(ABC):
         await self.aclose()
 
 
-@dataclass(frozen=True)
-class Progress:
-    """How far a large frame has moved: ``done`` of ``total`` bytes."""
-
-    direction: str
-    """``"send"`` or ``"receive"``."""
-    kind: str
-    """The message class: ``"TaskAssign"``, ``"Result"``, ..."""
-    task_id: str | None
-    done: int
-    total: int
-
-
 def _describe(message: Message) -> tuple[str, str | None]:
     return type(message).__name__, getattr(message, "task_id", None)
 
@@ -89,6 +76,7 @@ class FramedMessageStream(ObjectStream[Message]):
 
     ``on_activity`` is called whenever bytes arrive, or a send that waited for the peer goes
     through: the peer is alive. ``on_progress`` gets a `Progress` for frames of 1 MiB and more.
+    It declares all of `MessageStreamAttribute`.
     """
 
     def __init__(self, stream: ByteStream, *, limits: Limits | None = None) -> None:
@@ -103,6 +91,32 @@ class FramedMessageStream(ObjectStream[Message]):
         self._unyielded_sends = 0
         self.on_activity: Callable[[], object] | None = None
         self.on_progress: Callable[[Progress], object] | None = None
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {
+            MessageStreamAttribute.send_batch: lambda: self.send_batch,
+            MessageStreamAttribute.watch_bytes: lambda: self.watch_bytes,
+            MessageStreamAttribute.discard_incoming: lambda: self.discard_incoming,
+        }
+
+    @property
+    def byte_stream(self) -> ByteStream:
+        """The bytes under the frames; a test double may wrap them before the first message."""
+        return self._stream
+
+    @byte_stream.setter
+    def byte_stream(self, stream: ByteStream) -> None:
+        self._stream = stream
+
+    def watch_bytes(
+        self,
+        on_activity: Callable[[], object],
+        on_progress: Callable[[Progress], object] | None = None,
+    ) -> None:
+        """Report the peer alive at every byte, and large frames' progress (see the class)."""
+        self.on_activity = on_activity
+        self.on_progress = on_progress
 
     def _check_open(self, broken: BaseException | None) -> None:
         if self._closed:

@@ -100,7 +100,7 @@ class MemoryListener(MessageListener):
 class MemoryConnector(Connector):
     """Connects to the `MemoryListener` at ``memory://name``."""
 
-    def __init__(self, url: str, **_: Any) -> None:
+    def __init__(self, url: str) -> None:
         self._name = _name(url)
         self.url = url
 

@@ -23,7 +23,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from ..exceptions import TransportError
-from ..protocol._codec import Limits
+from ..protocol import Limits
 from ._base import Connector, MessageListener, MessageStream
 from ._framed import ByteStream, FramedMessageStream
 
@@ -116,7 +116,7 @@ async def _plain(sock: socket.socket) -> ByteStream:
 
 
 class _SocketConnector(Connector):
-    def __init__(self, url: str, *, limits: Limits | None = None, **_: Any) -> None:
+    def __init__(self, url: str, *, limits: Limits | None = None) -> None:
         self.url = url
         self._limits = limits
         self._wrap: Wrap = _plain
@@ -160,8 +160,8 @@ def _host_port(url: str, default_host: str | None = None) -> tuple[str, int]:
 class TCPConnector(_SocketConnector):
     """Connects to ``tcp://host:port`` (TCP_NODELAY on)."""
 
-    def __init__(self, url: str, *, limits: Limits | None = None, **options: Any) -> None:
-        super().__init__(url, limits=limits, **options)
+    def __init__(self, url: str, *, limits: Limits | None = None) -> None:
+        super().__init__(url, limits=limits)
         self._host, self._port = _host_port(url)
 
     async def _open(self) -> socket.socket:
@@ -188,8 +188,8 @@ class TCPConnector(_SocketConnector):
 class UnixConnector(_SocketConnector):
     """Connects to ``unix:///path/to/socket``."""
 
-    def __init__(self, url: str, *, limits: Limits | None = None, **options: Any) -> None:
-        super().__init__(url, limits=limits, **options)
+    def __init__(self, url: str, *, limits: Limits | None = None) -> None:
+        super().__init__(url, limits=limits)
         self._path = _unix_path(url)
 
     async def _open(self) -> socket.socket:
@@ -287,7 +287,7 @@ def _format_url(scheme: str, host: str, port: int) -> str:
 
 
 async def listen_tcp(
-    url: str, *, limits: Limits | None = None, wrap: Wrap = _plain, scheme: str = "tcp", **_: Any
+    url: str, *, limits: Limits | None = None, wrap: Wrap = _plain, scheme: str = "tcp"
 ) -> MessageListener:
     """Listen at ``tcp://host:port`` (port 0 picks a free port; the URL returned has it)."""
     host, port = _host_port(url)
@@ -318,7 +318,7 @@ def _remove_stale_socket(url: str, path: str) -> None:
         probe.close()
 
 
-async def listen_unix(url: str, *, limits: Limits | None = None, **_: Any) -> MessageListener:
+async def listen_unix(url: str, *, limits: Limits | None = None) -> MessageListener:
     """Listen at ``unix:///path``; a stale socket file left by a dead site is replaced."""
     path = _unix_path(url)
     await anyio.to_thread.run_sync(_remove_stale_socket, url, path)

@@ -19,12 +19,11 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Sequence
-from typing import Any
 
 import anyio
 
 from ..exceptions import TransportError
-from ..protocol._codec import Limits
+from ..protocol import Limits
 from ._base import MessageListener
 from ._framed import ByteStream
 from ._socket import SocketByteStream, TCPConnector, listen_tcp
@@ -178,9 +177,8 @@ class TLSConnector(TCPConnector):
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         limits: Limits | None = None,
-        **options: Any,
     ) -> None:
-        super().__init__(url, limits=limits, **options)
+        super().__init__(url, limits=limits)
         context = _require_context(url, ssl_context)
         hostname = server_hostname or self._host
 
@@ -203,7 +201,6 @@ async def listen_tls(
     ssl_context: ssl.SSLContext | None = None,
     limits: Limits | None = None,
     handshake_timeout: float = 10.0,
-    **options: Any,
 ) -> MessageListener:
     """Listen at ``tls://host:port`` with a server ``ssl_context``.
 

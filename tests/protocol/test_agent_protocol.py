@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from flare_agent_async.defs import RC, Task, TaskResult
+from flare_agent_async.defs import RC, TaskResult
 from flare_agent_async.exceptions import (
     AgentClosed,
     CallStateError,
@@ -16,27 +16,27 @@ from flare_agent_async.exceptions import (
 from flare_agent_async.protocol import (
     PROTOCOL_VERSION,
     Abort,
+    AbortReceived,
     AgentProtocol,
     AgentState,
-    BadTask,
+    BadTaskReceived,
     Bye,
-    Closed,
+    ByeReceived,
     Heartbeat,
     Hello,
     Log,
     Message,
     Reject,
-    Rejected,
+    RejectReceived,
     Result,
     ResultAck,
-    Settled,
+    ResultSettled,
     Submission,
-    TaskAborted,
     TaskAck,
-    TaskArrived,
     TaskAssign,
+    TaskReceived,
     Welcome,
-    Welcomed,
+    WelcomeReceived,
 )
 
 AGENT_ID = "agent-1"
@@ -85,7 +85,7 @@ def connect(agent: AgentProtocol) -> None:
     agent.connection_made()
     [hello] = agent.data_to_send()
     assert isinstance(hello, Hello)
-    assert agent.receive(welcome()) == [Welcomed(2.0, 9.0)]
+    assert agent.receive(welcome()) == [WelcomeReceived(2.0, 9.0)]
 
 
 def ready_agent(**kwargs: Any) -> AgentProtocol:
@@ -95,10 +95,10 @@ def ready_agent(**kwargs: Any) -> AgentProtocol:
     return agent
 
 
-def give_task(agent: AgentProtocol, task_id: str, **kwargs: Any) -> Task:
+def give_task(agent: AgentProtocol, task_id: str, **kwargs: Any) -> TaskAssign:
     """Deliver a task and fetch it; the outbox (ending with the task's ack) is drained."""
     events = agent.receive(assign(task_id, **kwargs))
-    assert isinstance(events[-1], TaskArrived)
+    assert isinstance(events[-1], TaskReceived)
     assert agent.data_to_send()[-1] == TaskAck(task_id=task_id)
     task = agent.fetch_task()
     assert task is not None
@@ -165,7 +165,7 @@ def test_welcome_moves_to_ready_and_sets_heartbeat_settings() -> None:
 
     events = agent.receive(welcome(heartbeat_interval=1.5, heartbeat_timeout=12.0))
 
-    assert events == [Welcomed(1.5, 12.0)]
+    assert events == [WelcomeReceived(1.5, 12.0)]
     assert agent.state is AgentState.READY
     assert agent.heartbeat_interval == 1.5
     assert agent.heartbeat_timeout == 12.0
@@ -207,7 +207,7 @@ def test_reject_closes_agent_with_reason() -> None:
 
     events = agent.receive(Reject(reason="wrong job id"))
 
-    assert events == [Rejected("wrong job id")]
+    assert events == [RejectReceived("wrong job id")]
     assert agent.state is AgentState.CLOSED
     assert "wrong job id" in agent.close_reason
     with pytest.raises(AgentClosed, match="wrong job id"):
@@ -292,19 +292,17 @@ def test_task_assign_is_acked_and_fetched_once() -> None:
     events = agent.receive(assign("t1", meta={"round": 3}, data={"w": 7}))
 
     [arrived] = events
-    assert isinstance(arrived, TaskArrived)
+    assert isinstance(arrived, TaskReceived)
     assert agent.data_to_send() == [TaskAck(task_id="t1")]
-    assert agent.has_pending_task
     task = agent.fetch_task()
-    assert task is arrived.task
+    assert task is not None and task.task_id == arrived.task_id == "t1"
     assert (task.task_name, task.task_id, task.meta, task.data) == (
         "train",
         "t1",
         {"round": 3},
         {"w": 7},
     )
-    assert not task.aborted
-    assert not agent.has_pending_task
+    assert not agent.current_aborted
     agent.submit(TaskResult({}, {"w": 8}))
     assert agent.fetch_task() is None
 
@@ -321,7 +319,7 @@ def test_duplicate_task_assign_is_acked_but_handed_over_once() -> None:
     assert task.task_id == "t1"
     # Resent after it was fetched, and again after it was submitted: still never handed over.
     assert agent.receive(assign("t1")) == []
-    assert not task.aborted
+    assert not agent.current_aborted
     agent.submit(TaskResult({}, {"x": 1}))
     assert agent.receive(assign("t1")) == []
     assert agent.fetch_task() is None
@@ -354,7 +352,6 @@ def test_connection_lost_keeps_pending_task() -> None:
     agent.connection_lost()
     assert agent.state is AgentState.IDLE
     assert agent.data_to_send() == []
-    assert agent.has_pending_task
     task = agent.fetch_task()
     assert task is not None
     assert task.task_id == "t1"
@@ -362,7 +359,7 @@ def test_connection_lost_keeps_pending_task() -> None:
 
 def test_fetch_while_current_task_unsubmitted_raises_call_state_error() -> None:
     agent = ready_agent()
-    task = give_task(agent, "t1")
+    give_task(agent, "t1")
 
     with pytest.raises(CallStateError, match="submit"):
         agent.fetch_task()
@@ -370,15 +367,15 @@ def test_fetch_while_current_task_unsubmitted_raises_call_state_error() -> None:
     # The state is unchanged: the task can still be submitted.
     submission = agent.submit(TaskResult({}, {"x": 1}))
     assert submission is not None
-    assert submission.task_id == task.task_id
+    assert submission.task_id == "t1"
     assert agent.fetch_task() is None
 
 
 def test_fetch_with_aborted_current_task_is_allowed() -> None:
     agent = ready_agent()
-    task = give_task(agent, "t1")
+    give_task(agent, "t1")
     agent.receive(Abort(task_id="t1"))
-    assert task.aborted
+    assert agent.current_aborted
 
     assert agent.fetch_task() is None
 
@@ -420,7 +417,8 @@ def test_submit_without_fetched_task_raises_call_state_error() -> None:
     agent.receive(assign("t1"))
     with pytest.raises(CallStateError):
         agent.submit(TaskResult({}, {}))
-    assert agent.has_pending_task
+    pending = agent.fetch_task()
+    assert pending is not None and pending.task_id == "t1"
     assert results(agent.data_to_send()) == []
 
 
@@ -461,9 +459,8 @@ def test_abort_of_pending_task_drops_it_and_resend_is_ignored() -> None:
     agent.receive(assign("t1"))
     agent.data_to_send()
 
-    assert agent.receive(Abort(task_id="t1")) == [TaskAborted("t1", fetched=False)]
+    assert agent.receive(Abort(task_id="t1")) == [AbortReceived("t1", fetched=False)]
 
-    assert not agent.has_pending_task
     assert agent.fetch_task() is None
     # A resend of the aborted task (say, after a reconnect) is acknowledged but not revived.
     assert agent.receive(assign("t1")) == []
@@ -480,14 +477,12 @@ def test_abort_before_task_arrives_keeps_it_out() -> None:
 
 def test_abort_of_fetched_task_marks_it_and_submit_returns_none() -> None:
     agent = ready_agent()
-    task = give_task(agent, "t1")
-    calls: list[str] = []
-    task.add_abort_callback(lambda: calls.append("aborted"))
+    give_task(agent, "t1")
 
-    assert agent.receive(Abort(task_id="t1")) == [TaskAborted("t1", fetched=True)]
+    assert agent.receive(Abort(task_id="t1")) == [AbortReceived("t1", fetched=True)]
 
-    assert task.aborted
-    assert calls == ["aborted"]
+    assert agent.current_aborted
+    assert agent.receive(Abort(task_id="t1")) == []  # signalled once
     assert agent.submit(TaskResult({}, {"x": 1})) is None
     assert agent.data_to_send() == []
     assert agent.unsettled == 0
@@ -509,16 +504,15 @@ def test_abort_of_unknown_or_submitted_task_is_ignored() -> None:
 
 def test_new_task_while_current_unsubmitted_aborts_current_and_keeps_new_pending() -> None:
     agent = ready_agent()
-    task1 = give_task(agent, "t1")
+    give_task(agent, "t1")
 
     events = agent.receive(assign("t2"))
 
     assert len(events) == 2
-    assert events[0] == TaskAborted("t1", fetched=True)
-    assert isinstance(events[1], TaskArrived)
-    assert events[1].task.task_id == "t2"
-    assert task1.aborted
-    assert agent.has_pending_task
+    assert events[0] == AbortReceived("t1", fetched=True)
+    assert isinstance(events[1], TaskReceived)
+    assert events[1] == TaskReceived("t2", "train")
+    assert agent.current_aborted
     assert agent.data_to_send() == [TaskAck(task_id="t2")]
     # The trainer's late submit for t1 is not sent; then t2 is handed over.
     assert agent.submit(TaskResult({}, {"x": 1})) is None
@@ -526,7 +520,7 @@ def test_new_task_while_current_unsubmitted_aborts_current_and_keeps_new_pending
     task2 = agent.fetch_task()
     assert task2 is not None
     assert task2.task_id == "t2"
-    assert not task2.aborted
+    assert not agent.current_aborted
 
 
 def test_new_task_replaces_unfetched_pending_task() -> None:
@@ -535,8 +529,8 @@ def test_new_task_replaces_unfetched_pending_task() -> None:
 
     events = agent.receive(assign("t2"))
 
-    assert events[0] == TaskAborted("t1", fetched=False)
-    assert isinstance(events[1], TaskArrived)
+    assert events[0] == AbortReceived("t1", fetched=False)
+    assert isinstance(events[1], TaskReceived)
     task = agent.fetch_task()
     assert task is not None
     assert task.task_id == "t2"
@@ -556,14 +550,13 @@ def test_bad_task_data_is_answered_with_bad_task_data(kwargs: dict[str, Any], pr
     events = agent.receive(assign("bad", **kwargs))
 
     assert len(events) == 1
-    assert isinstance(events[0], BadTask)
+    assert isinstance(events[0], BadTaskReceived)
     assert events[0].task_id == "bad"
     assert problem in events[0].reason
     assert agent.data_to_send() == [
         TaskAck(task_id="bad"),
         Result(task_id="bad", return_code=RC.BAD_TASK_DATA, meta={}, data={}),
     ]
-    assert not agent.has_pending_task
     assert agent.fetch_task() is None
     assert agent.unsettled == 1
     # A resend of the bad task is only acknowledged.
@@ -581,10 +574,10 @@ def test_bad_task_data_is_answered_with_bad_task_data(kwargs: dict[str, Any], pr
 
 def test_bad_task_does_not_disturb_the_current_task() -> None:
     agent = ready_agent()
-    task = give_task(agent, "t1")
+    give_task(agent, "t1")
     events = agent.receive(assign("bad", meta=[1]))
-    assert [type(e) for e in events] == [BadTask]
-    assert not task.aborted
+    assert [type(e) for e in events] == [BadTaskReceived]
+    assert not agent.current_aborted
     assert agent.submit(TaskResult({}, {})) is not None
 
 
@@ -600,7 +593,7 @@ def test_result_ack_accepted_settles_submission_and_duplicate_is_ignored() -> No
 
     events = agent.receive(ResultAck(task_id="t1", accepted=True))
 
-    assert events == [Settled(submission)]
+    assert events == [ResultSettled(submission)]
     assert events[0].submission is submission
     assert submission.accepted is True
     assert submission.reason == ""
@@ -619,7 +612,7 @@ def test_result_ack_refused_settles_submission_false_with_reason() -> None:
 
     events = agent.receive(ResultAck(task_id="t1", accepted=False, reason="the task was aborted"))
 
-    assert events == [Settled(submission)]
+    assert events == [ResultSettled(submission)]
     assert submission.accepted is False
     assert submission.reason == "the task was aborted"
     assert agent.unsettled == 0
@@ -653,7 +646,7 @@ def test_unsettled_results_are_resent_after_reconnect_and_settled_ones_are_not()
     assert second.message == Result(task_id="t2", return_code=RC.OK, meta={}, data={"x": 2})
     assert first.accepted is True
     assert second.accepted is None
-    assert agent.receive(ResultAck(task_id="t2", accepted=True)) == [Settled(second)]
+    assert agent.receive(ResultAck(task_id="t2", accepted=True)) == [ResultSettled(second)]
     assert second.accepted is True
     # And after another reconnect nothing is resent.
     agent.connection_lost()
@@ -747,7 +740,7 @@ def test_close_while_ready_queues_bye_and_settles_unsettled_submissions() -> Non
     acked = agent.submit(TaskResult({}, {"x": 1}))
     give_task(agent, "t2")
     unacked = agent.submit(TaskResult({}, {"x": 2}))
-    current = give_task(agent, "t3")
+    give_task(agent, "t3")
     agent.receive(assign("t4"))  # aborts t3, leaves t4 pending
     agent.data_to_send()
     agent.receive(ResultAck(task_id="t1", accepted=True))
@@ -763,8 +756,7 @@ def test_close_while_ready_queues_bye_and_settles_unsettled_submissions() -> Non
     assert unacked.accepted is False
     assert "training done" in unacked.reason
     assert agent.unsettled == 0
-    assert current.aborted
-    assert not agent.has_pending_task
+    assert agent.current_aborted
     with pytest.raises(AgentClosed, match="training done"):
         agent.fetch_task()
     # Closing twice does nothing more.
@@ -791,25 +783,25 @@ def test_close_while_disconnected_sends_no_bye() -> None:
 
 def test_close_before_submit_makes_submit_return_none() -> None:
     agent = ready_agent()
-    task = give_task(agent, "t1")
+    give_task(agent, "t1")
     agent.close("stopped")
     agent.data_to_send()
-    assert task.aborted
+    assert agent.current_aborted
     assert agent.submit(TaskResult({}, {})) is None
     assert agent.data_to_send() == []
 
 
 def test_bye_from_site_closes_agent() -> None:
     agent = ready_agent()
-    task = give_task(agent, "t1")
+    give_task(agent, "t1")
 
     events = agent.receive(Bye(reason="job finished"))
 
-    assert events == [Closed("job finished")]
+    assert events == [ByeReceived("job finished")]
     assert agent.state is AgentState.CLOSED
     assert "job finished" in agent.close_reason
     assert agent.data_to_send() == []  # no goodbye back
-    assert task.aborted
+    assert agent.current_aborted
     with pytest.raises(AgentClosed, match="job finished"):
         agent.fetch_task()
     assert agent.submit(TaskResult({}, {})) is None

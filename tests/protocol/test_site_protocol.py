@@ -23,7 +23,7 @@ from flare_agent_async.protocol import (
     Abort,
     AgentProtocol,
     AgentState,
-    BadTask,
+    BadTaskReceived,
     Bye,
     Heartbeat,
     Hello,
@@ -683,7 +683,9 @@ def test_link_bad_task_data_reaches_site_as_bad_task_data_result() -> None:
 
     link.pump()
 
-    assert [type(e) for e in link.agent_events if isinstance(e, BadTask)] == [BadTask]
+    assert [type(e) for e in link.agent_events if isinstance(e, BadTaskReceived)] == [
+        BadTaskReceived
+    ]
     assert task.result is not None
     assert task.result.return_code == RC.BAD_TASK_DATA
     assert link.agent.unsettled == 0
@@ -884,7 +886,7 @@ def test_random_interleavings_keep_the_guarantees(actions: list[str]) -> None:
     assert session.unfinished == 0
     assert all(task.done for task in site_tasks.values())
     assert agent.unsettled == 0
-    assert not agent.has_pending_task
+    assert agent.fetch_task() is None  # nothing left pending
     assert set(link.finished()) <= set(site_tasks)
     for submission, data in submissions:
         assert submission.accepted is not None

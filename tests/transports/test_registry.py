@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 import pytest
 
+from flare_agent_async.protocol import Limits
 from flare_agent_async.transports import (
     Connector,
     MemoryConnector,
@@ -11,6 +15,7 @@ from flare_agent_async.transports import (
     MessageListener,
     MessageStream,
     Scheme,
+    TransportOptions,
     connector_for,
     create_listener,
     known_schemes,
@@ -55,11 +60,16 @@ class _Echo(Connector):
         raise NotImplementedError
 
 
-async def test_register_scheme_adds_a_scheme() -> None:
-    async def listen(url: str) -> MessageListener:
-        return MemoryListener("memory://")
+async def _listen_in_memory(url: str, options: TransportOptions) -> MessageListener:
+    return MemoryListener("memory://")
 
-    register_scheme("echo-test", Scheme(_Echo, listen))
+
+ECHO = Scheme(lambda url, options: _Echo(url), _listen_in_memory, frozenset())
+"""A scheme, as an entry point names it (``test_registry:ECHO``)."""
+
+
+async def test_register_scheme_adds_a_scheme() -> None:
+    register_scheme("echo-test", ECHO)
     assert "echo-test" in known_schemes()
     connector = connector_for("echo-test://here")
     assert isinstance(connector, _Echo) and connector.url == "echo-test://here"
@@ -68,20 +78,72 @@ async def test_register_scheme_adds_a_scheme() -> None:
     await listener.aclose()
 
 
-def test_schemes_come_from_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+def use_entry_points(monkeypatch: pytest.MonkeyPatch, **named: str) -> None:
     import flare_agent_async.transports as transports
 
     class FakeEntryPoint:
-        name = "plugin-test"
-
-        def load(self) -> Scheme:
-            return Scheme(_Echo, create_listener)
+        def __init__(self, name: str, value: str) -> None:
+            self.name, self.value = name, value
 
     def fake_entry_points(*, group: str) -> list[FakeEntryPoint]:
         assert group == "flare_agent_async.transports"
-        return [FakeEntryPoint()]
+        return [FakeEntryPoint(name, value) for name, value in named.items()]
 
     monkeypatch.setattr(transports, "entry_points", fake_entry_points)
     monkeypatch.setattr(transports, "_entry_points_loaded", False)
     monkeypatch.setattr(transports, "_schemes", dict(transports._schemes))
+
+
+def test_schemes_come_from_entry_points_loaded_when_first_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    use_entry_points(monkeypatch, **{"plugin-test": f"{__name__}:ECHO"})
+    assert "plugin-test" in known_schemes()  # named, not imported yet
     assert isinstance(connector_for("plugin-test://x"), _Echo)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("no_such_module_here:ECHO", "cannot be loaded from no_such_module_here:ECHO"),
+        (f"{__name__}:_Echo", "is not a Scheme"),
+    ],
+)
+def test_an_entry_point_that_names_no_scheme_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, target: str, message: str
+) -> None:
+    use_entry_points(monkeypatch, **{"broken-test": target})
+    with pytest.raises(ValueError, match=message):
+        connector_for("broken-test://x")
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        (
+            "tcp://127.0.0.1:1",
+            {"ssl_context": ssl.create_default_context()},
+            "ssl_context does not apply to tcp://",
+        ),
+        ("memory://x", {"limits": Limits()}, "limits does not apply to memory://"),
+    ],
+)
+def test_an_option_a_scheme_does_not_use_is_refused_by_name(
+    url: str, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        connector_for(url, **options)
+
+
+async def test_options_for_an_object_are_refused_it_has_its_own() -> None:
+    with pytest.raises(ValueError, match="limits applies to URLs"):
+        connector_for(MemoryConnector("memory://x"), limits=Limits())
+    listener = MemoryListener("memory://")
+    with pytest.raises(ValueError, match="ssl_context applies to URLs"):
+        await create_listener(listener, ssl_context=ssl.create_default_context())
+    await listener.aclose()
+
+
+def test_an_unknown_option_is_a_type_error_that_names_it() -> None:
+    with pytest.raises(TypeError, match="ssl_contxt"):
+        connector_for("tls://127.0.0.1:1", ssl_contxt=None)  # type: ignore[call-arg]

@@ -13,6 +13,7 @@ from typing import Protocol
 import anyio
 import anyio.lowlevel
 
+from ._wakeup import Wakeup
 from .exceptions import ProtocolError, TransportError
 from .protocol import Message
 from .transports import MessageStream, MessageStreamAttribute, Progress
@@ -119,9 +120,9 @@ class Connection:
         self._handler = handler
         self._max_handled_while_sending = max_handled_while_sending
         self._sending = False  # whether the writer is in a send
-        self._sent: anyio.Event | None = None  # made by a reader that waits for the send
+        self._sent = Wakeup()  # a send has ended: a reader may wait for it
         self._handled_while_sending = 0
-        self._wakeup: anyio.Event | None = None  # set while the writer waits
+        self._wakeup = Wakeup()  # there may be something to send
         self._scope = anyio.CancelScope()
         self._read_scope: anyio.CancelScope | None = None  # the reader's liveness deadline
         self._last_alive = 0.0  # when the peer was last heard from (the event loop's clock)
@@ -139,9 +140,7 @@ class Connection:
 
     def wake(self) -> None:
         """Tell the writer there may be something to send."""
-        wakeup, self._wakeup = self._wakeup, None
-        if wakeup is not None:
-            wakeup.set()
+        self._wakeup.set()
 
     def read_timeout_changed(self) -> None:
         """Re-arm the liveness deadline with what ``read_timeout()`` says now (a welcome told the
@@ -211,18 +210,17 @@ class Connection:
                 continue
             if self._handler.finished():
                 return
-            wakeup = self._wakeup = anyio.Event()
             interval = self._handler.idle_interval()
             delay = self._handler.deferred_delay()
             if interval is None and delay is None:
-                await wakeup.wait()
+                await self._wakeup.wait()
                 await _let_others_queue()
                 continue
             # Idle means nothing sent for an interval, however much was received meanwhile.
             idle_at = math.inf if interval is None else last_sent + interval
             flush_at = math.inf if delay is None else anyio.current_time() + delay
             with anyio.CancelScope(deadline=min(idle_at, flush_at)) as timer:
-                await wakeup.wait()
+                await self._wakeup.wait()
             if not timer.cancelled_caught:
                 await _let_others_queue()
             elif anyio.current_time() >= flush_at:
@@ -245,9 +243,7 @@ class Connection:
                     await self.stream.send(message)
         finally:
             self._sending = False
-            sent, self._sent = self._sent, None
-            if sent is not None:
-                sent.set()
+            self._sent.set()
 
     async def _wait_for_send(self) -> None:
         """Back-pressure: after enough messages handled during one send, wait for it to end."""
@@ -256,8 +252,6 @@ class Connection:
             return
         self._handled_while_sending += 1
         if self._handled_while_sending >= limit:
-            if self._sent is None:
-                self._sent = anyio.Event()
             await self._sent.wait()
 
     async def _read(self) -> None:

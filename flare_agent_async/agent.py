@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ._connection import Connection
 from ._validate import as_secret, check_timeout
+from ._wakeup import Wakeup
 from .defs import Task, TaskResult
 from .exceptions import (
     AgentClosed,
@@ -112,7 +113,7 @@ class AsyncFlareAgent:
         self._max_backoff = max_backoff
         self._group: TaskGroup | None = None
         self._group_to_exit: TaskGroup | None = None
-        self._changed: anyio.Event | None = None
+        self._changed = Wakeup()  # every change of state
         self._connection: Connection | None = None
         self._failure: BaseException | None = None
         self._rejection: str | None = None
@@ -169,7 +170,7 @@ class AsyncFlareAgent:
             deadline = anyio.current_time() + self._close_timeout
             with anyio.CancelScope(deadline=deadline, shield=True):
                 while self._protocol.unsettled and self._protocol.state is not AgentState.CLOSED:
-                    await self._wait_changed()
+                    await self._changed.wait()
             self._close("the agent stopped")
             if self._connection is not None:
                 with anyio.CancelScope(deadline=deadline, shield=True):
@@ -240,7 +241,7 @@ class AsyncFlareAgent:
             return self._hand_over(assigned)
         with anyio.move_on_after(seconds):
             while assigned is None:
-                await self._wait_changed()
+                await self._changed.wait()
                 assigned = self._protocol.fetch_task()
             return self._hand_over(assigned)  # no checkpoint since the fetch: nothing is lost
         return None
@@ -288,7 +289,7 @@ class AsyncFlareAgent:
             return False
         self._wake_writer()
         while submission.accepted is None:
-            await self._wait_changed()
+            await self._changed.wait()
         if not submission.accepted:
             logger.warning(
                 "result of task %s was not kept: %s", submission.task_id, submission.reason
@@ -330,18 +331,6 @@ class AsyncFlareAgent:
         if self._group is None:
             raise CallStateError("the agent is not started: use 'async with agent' or start()")
 
-    async def _wait_changed(self) -> None:
-        """Wait for the next change of state (an event is made only when someone waits)."""
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
-
-    def _notify(self) -> None:
-        """Wake everyone waiting for a change of state."""
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
-
     def _wake_writer(self) -> None:
         if self._connection is not None:
             self._connection.wake()
@@ -355,7 +344,7 @@ class AsyncFlareAgent:
         self._protocol.close(reason)
         self._abort_task()  # the task in hand can no longer be answered
         self._wake_writer()
-        self._notify()
+        self._changed.set()
 
     async def _run_scoped(self, *, task_status: TaskStatus[None]) -> None:
         try:
@@ -424,7 +413,7 @@ class AsyncFlareAgent:
         finally:
             self._connection = None
             protocol.connection_lost()
-            self._notify()
+            self._changed.set()
 
     async def _connect(self, timeout: float, deadline: float | None = None) -> MessageStream:
         """Connect, retrying with exponential backoff and jitter for up to ``timeout`` seconds
@@ -512,7 +501,7 @@ class _AgentSide:
         if protocol.state is AgentState.CLOSED:  # the site said goodbye, or refused the agent
             agent._abort_task()
         if events:
-            agent._notify()
+            agent._changed.set()
 
     def _welcomed(self) -> None:
         agent = self._agent

@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 
 from ._connection import CONNECTION_ERRORS, Connection
 from ._validate import as_secret
+from ._wakeup import Wakeup
 from .defs import TaskResult
 from .exceptions import CallStateError, ProtocolError, UnknownAgent
 from .protocol import (
@@ -124,7 +125,7 @@ class FlareSite:
         self._close_timeout = close_timeout
         self._on_log = on_log
         self._group: TaskGroup | None = None
-        self._changed: anyio.Event | None = None
+        self._changed = Wakeup()  # every change of state
         self._agents: dict[str, _Agent] = {}
         self._gone: OrderedDict[str, _Agent] = OrderedDict()  # oldest first
         self._live_connections = 0  # agents' connections being served, replaced ones included
@@ -167,7 +168,7 @@ class FlareSite:
     ) -> bool | None:
         group = self._running()
         self._closing = True
-        self._notify()
+        self._changed.set()
         with anyio.CancelScope(shield=True):
             for listener in self._listeners:
                 await listener.aclose()
@@ -177,7 +178,7 @@ class FlareSite:
                     agent.connection.wake()
             with anyio.move_on_after(self._close_timeout):
                 while self._live_connections:
-                    await self._wait_changed()
+                    await self._changed.wait()
         group.cancel_scope.cancel()
         return await group.__aexit__(exc_type, exc, tb)
 
@@ -209,7 +210,7 @@ class FlareSite:
         self._running()
         with anyio.fail_after(timeout):
             while not self._is_connected(agent_id):  # not `self.agents`: O(1), not O(agents)
-                await self._wait_changed()
+                await self._changed.wait()
                 if self._closing:
                     raise CallStateError(f"the site closed while waiting for agent {agent_id!r}")
 
@@ -292,17 +293,6 @@ class FlareSite:
                 "wait for it with wait_for_agent"
             )
         return agent.session
-
-    async def _wait_changed(self) -> None:
-        """Wait for the next change (an agent came or went); an event is made only on demand."""
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
 
     def _wake(self, agent_id: str) -> None:
         agent = self._agents.get(agent_id)
@@ -412,7 +402,7 @@ class FlareSite:
         session.connection_made(hello, proof)
         agent.connection = connection
         self._live_connections += 1
-        self._notify()
+        self._changed.set()
         logger.info("agent %s connected", agent_id)
         try:
             error = await connection.run()
@@ -427,7 +417,7 @@ class FlareSite:
                     # The scope exists before the task runs, so a quick reconnect can cancel it.
                     expiry = agent.expiry = anyio.CancelScope()
                     self._group.start_soon(self._expire, agent, expiry)
-            self._notify()
+            self._changed.set()
         logger.info("agent %s disconnected: %s", agent_id, error or "goodbye")
 
     async def _expire(self, agent: _Agent, scope: anyio.CancelScope) -> None:
@@ -444,7 +434,7 @@ class FlareSite:
             logger.warning("agent %s is gone: %s", session.agent_id, reason)
             self._finished(session.give_up(reason))
             self._forget_later(agent)
-            self._notify()
+            self._changed.set()
 
     def _forget_later(self, agent: _Agent) -> None:
         """Remember a gone agent among the last few; forget the oldest beyond them."""
@@ -519,11 +509,11 @@ class _SiteSide:
             elif isinstance(event, ResultRefused):
                 logger.warning("refused a result from agent %s: %s", session.agent_id, event.reason)
         if session.state is SessionState.GONE:
-            site._notify()
+            site._changed.set()
 
     def protocol_error(self, error: ProtocolError) -> None:
         if self._replaced():
             return
         logger.warning("agent %s broke the protocol: %s", self._session.agent_id, error)
         self._site._finished(self._session.close(f"protocol error: {error}"))
-        self._site._notify()
+        self._site._changed.set()

@@ -49,6 +49,7 @@ from .transports import (
     connector_for,
     create_listener,
 )
+from .transports._framed import advance
 
 __all__ = [
     "RECEIVE_FAULTS",
@@ -349,10 +350,7 @@ class _FaultyStream(ObjectStream[Message]):
                         budget -= chunk[-1].nbytes
                     count = await self._bytes._inner.send_some(chunk)
                     remaining -= count
-                    while parts and count >= parts[0].nbytes:
-                        count -= parts.pop(0).nbytes
-                    if count:
-                        parts[0] = parts[0][count:]
+                    advance(parts, count)
             await self._bytes.abort()
         await self._inner.aclose()
 

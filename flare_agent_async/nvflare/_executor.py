@@ -385,8 +385,10 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             except concurrent.futures.TimeoutError:
                 if abort_signal.triggered:
                     self._portal.call(cancel)
-                    with contextlib.suppress(Exception):
+                    try:
                         future.result()
+                    except Exception as exc:  # it failed as it was cancelled: still an abort
+                        raise _Aborted from exc
                     raise _Aborted from None
                 continue
             if not results:

@@ -21,7 +21,6 @@ Options ride on the URL's query: ``nvflare-ipc://127.0.0.1:8002?heartbeat_timeou
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import math
 import threading
@@ -187,8 +186,11 @@ class _CellStream(ObjectStream[Message]):
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
                 return
-            with contextlib.suppress(Exception):
-                pending[0].result(timeout=remaining)
+            try:
+                # Waits without raising what the stream failed with: the sender reports that.
+                pending[0].exception(timeout=remaining)
+            except TimeoutError:
+                return
 
     async def _start_cell(self, hello: Hello) -> None:
         if self._cell is not None:

@@ -210,7 +210,7 @@ class FrameReader:
         try:
             lengths, raw = _envelope.decode(header)
         except Exception as exc:  # DecodeError, or RecursionError for absurd nesting
-            raise FrameError(f"malformed frame header: {exc!r}") from None
+            raise FrameError(f"malformed frame header: {exc!r}") from exc
         if len(lengths) != self._buffer_count or any(n < 0 for n in lengths):
             raise FrameError("the frame's buffer lengths do not match its prefix")
         total = PREFIX_BYTES + self._header_bytes + sum(lengths)
@@ -253,7 +253,7 @@ class FrameReader:
                 task_id=task_id, task_name=name, meta={}, data=InvalidPayload(reason)
             )
             return invalid, _discard(lengths)
-        raise FrameError(f"malformed {fields.get('kind', 'message')!s}: {problem}") from None
+        raise FrameError(f"malformed {fields.get('kind', 'message')!s}: {problem}") from problem
 
     def _copy_staged(self) -> None:
         destination = self._buffers[0]
@@ -281,7 +281,7 @@ class FrameReader:
                 if isinstance(message, TaskAssign):
                     reason = f"cannot decode the task's payload: {exc!r}"
                     return msgspec.structs.replace(message, meta={}, data=InvalidPayload(reason))
-                raise FrameError(f"malformed {type(message).__name__}: {exc!r}") from None
+                raise FrameError(f"malformed {type(message).__name__}: {exc!r}") from exc
             message = msgspec.structs.replace(message, **finished)
         return message
 

@@ -338,4 +338,6 @@ class SiteSession:
 
     @property
     def unfinished(self) -> int:
+        """How many tasks the session holds (finished ones are forgotten: a long run does not
+        grow it)."""
         return len(self._tasks)

@@ -63,6 +63,14 @@ class ByteStream(ABC):
         await self.aclose()
 
 
+def advance(parts: list[memoryview], count: int) -> None:
+    """Drop the first ``count`` bytes of ``parts`` (what a partial send took), in place."""
+    while parts and count >= parts[0].nbytes:
+        count -= parts.pop(0).nbytes
+    if count:
+        parts[0] = parts[0][count:]
+
+
 def _describe(message: Message) -> tuple[str, str | None]:
     return type(message).__name__, getattr(message, "task_id", None)
 
@@ -201,10 +209,7 @@ class FramedMessageStream(ObjectStream[Message]):
                             self.on_activity()  # the peer made room: it is alive
                     else:
                         unyielded += count
-                    while parts and count >= parts[0].nbytes:
-                        count -= parts.pop(0).nbytes
-                    if count:
-                        parts[0] = parts[0][count:]
+                    advance(parts, count)
                     if report:
                         kind, task_id = _describe(item)
                         assert self.on_progress is not None

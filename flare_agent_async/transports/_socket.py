@@ -52,7 +52,6 @@ class SocketByteStream(ByteStream):
         sock.setblocking(False)
         self._sock = sock
         self._closed = False
-        self._reading = False
 
     async def receive_into(self, buffer: memoryview) -> int:
         self.waited_to_receive = False
@@ -60,11 +59,7 @@ class SocketByteStream(ByteStream):
             try:
                 return self._sock.recv_into(buffer)
             except BlockingIOError:
-                self._reading = True
-                try:
-                    await self._wait(anyio.wait_readable)
-                finally:
-                    self._reading = False
+                await self._wait(anyio.wait_readable)
                 self.waited_to_receive = True
             except OSError as exc:
                 raise self._broken(exc) from exc

@@ -1,0 +1,33 @@
+"""`Wakeup`: wake whoever waits for a change, with no event made while nobody waits."""
+
+from __future__ import annotations
+
+import anyio
+
+__all__ = ["Wakeup"]
+
+
+class Wakeup:
+    """Tasks ``await wait()`` for the next change; `set` wakes them all.
+
+    An `anyio.Event` is made only when a task waits, so `set` costs an attribute read when
+    nobody does (it runs at every message). A change made before a task waits does not count:
+    check the state, then wait, with no checkpoint in between.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    async def wait(self) -> None:
+        """Wait for the next `set`."""
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+    def set(self) -> None:
+        """Wake every task waiting now."""
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()

@@ -5,7 +5,8 @@
   results;
 * `ScriptedPeer`: the far end of an agent's connection, driven message by message by the test;
 * `FaultyConnector`: wraps a connector so a test can break connections at chosen moments, or at
-  random from a seed: drops, duplicates, truncated frames, delays and slow readers.
+  random from a seed: drops, duplicates, truncated frames, delays and slow readers;
+* `check_transport`: the conformance suite every transport passes, for a plugin's own tests.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ObjectStream, TaskGroup
 
+from ._conformance import CHECKS, TransportCheckFailed, check_nobody_listening, check_transport
 from .agent import AsyncFlareAgent
 from .defs import TaskResult
 from .exceptions import TransportError
@@ -52,10 +54,14 @@ from .transports import (
 from .transports._framed import advance
 
 __all__ = [
+    "CHECKS",
     "RECEIVE_FAULTS",
     "SEND_FAULTS",
     "FaultyConnector",
     "ScriptedPeer",
+    "TransportCheckFailed",
+    "check_nobody_listening",
+    "check_transport",
     "run_trainer",
     "site_and_agent",
 ]

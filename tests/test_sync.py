@@ -52,6 +52,14 @@ class SiteThread:
     def wait_for_agent(self, agent_id: str) -> None:
         self.portal.call(lambda: self.site.wait_for_agent(agent_id, timeout=10))
 
+    def wait_until_no_agent(self) -> None:
+        """The site closes its end of a connection in its own thread once it has read the
+        goodbye: wait for that (bounded polling across threads) before counting descriptors."""
+        deadline = time.monotonic() + 10
+        while self.portal.call(lambda: self.site.agents):
+            assert time.monotonic() < deadline, "the site never saw the agent leave"
+            time.sleep(0.01)
+
 
 @contextmanager
 def site_thread() -> Iterator[SiteThread]:
@@ -270,6 +278,7 @@ def test_stop_leaves_no_thread_or_file_descriptor_behind() -> None:
         for _ in range(3):
             with make(site.url) as agent:
                 assert agent.get_task(timeout=0.01) is None
+            site.wait_until_no_agent()
         assert _threads_and_fds() == before
 
 
@@ -285,6 +294,7 @@ def test_a_started_agent_that_is_collected_stops() -> None:
         gc.collect()
         thread.join(10)
         assert not thread.is_alive()
+        site.wait_until_no_agent()
         assert _threads_and_fds() == before
 
 

@@ -71,7 +71,7 @@ async def test_listen_returns_the_bound_url_and_rejects_unknown_schemes() -> Non
     async with FlareSite("site-1") as site:
         assert (await site.listen("memory://bound-url-test")) == "memory://bound-url-test"
         assert (await site.listen("memory://")).startswith("memory://anonymous-")
-        with pytest.raises(ValueError, match=r"unknown transport scheme 'carrier'.*known: memory"):
+        with pytest.raises(ValueError, match=r"scheme 'carrier'.*known: .*memory"):
             await site.listen("carrier://pigeon")
         with pytest.raises(ValueError, match="not a transport URL"):
             await site.listen("just-a-name")

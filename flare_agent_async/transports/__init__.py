@@ -92,7 +92,8 @@ async def _listen_tls(url: str, options: TransportOptions) -> MessageListener:
 
 
 _schemes: dict[str, Scheme | str] = {
-    "memory": Scheme(lambda url, _: MemoryConnector(url), _listen_memory, frozenset()),
+    # Objects pass as they are, with no frames to limit: a site's limits do not stop it.
+    "memory": Scheme(lambda url, _: MemoryConnector(url), _listen_memory),
     "tcp": Scheme(lambda url, o: TCPConnector(url, limits=o.limits), _listen_tcp),
     "unix": Scheme(lambda url, o: UnixConnector(url, limits=o.limits), _listen_unix),
     "tls": Scheme(

@@ -253,8 +253,12 @@ async def test_connecting_where_nobody_listens_is_a_transport_error(
 
 
 async def test_a_transport_that_breaks_a_rule_fails_the_suite_saying_which(
-    anyio_backend: str,
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import flare_agent_async.transports as transports
+
+    monkeypatch.setattr(transports, "_schemes", dict(transports._schemes))  # registered here only
+
     class Forgetful(MemoryConnector):
         """Loses every tenth message it sends."""
 

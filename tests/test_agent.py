@@ -15,6 +15,7 @@ from flare_agent_async import (
     Task,
     TaskAborted,
     TaskResult,
+    TransportError,
 )
 from flare_agent_async.protocol import (
     Abort,
@@ -286,3 +287,35 @@ async def test_an_abort_lost_with_the_connection_still_reaches_the_agent() -> No
             await anyio.wait_all_tasks_blocked()
             assert len(aborted) == 1
             assert await agent.get_task(timeout=0.05) is None
+
+
+async def test_get_task_nowait_takes_a_task_that_is_here_and_never_waits() -> None:
+    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
+        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
+        with pytest.raises(CallStateError, match="not started"):
+            agent.get_task_nowait()
+        stream = await peer.start_agent(agent, group)
+        assert agent.get_task_nowait() is None  # nothing here: None at once
+        await stream.send(assign("t1", data=7))
+        await anyio.wait_all_tasks_blocked()  # in memory: the agent has taken it in
+        task = agent.get_task_nowait()
+        assert task is not None
+        assert (task.task_id, task.data) == ("t1", 7)
+        with pytest.raises(CallStateError, match="submit_result first"):
+            agent.get_task_nowait()  # the task has no result yet
+        assert agent.failure is None
+        await agent.stop()
+        with pytest.raises(AgentClosed):
+            agent.get_task_nowait()
+        assert agent.failure is None, "a stop is not a failure"
+
+
+async def test_failure_says_why_an_agent_closed_when_the_site_is_gone() -> None:
+    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
+        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1", reconnect_timeout=0.2)
+        await peer.start_agent(agent, group)
+        await peer.aclose()  # the connection ends and nothing listens any more
+        with anyio.fail_after(10), pytest.raises(AgentClosed, match="site is gone"):
+            await agent.get_task()
+        assert isinstance(agent.failure, TransportError)
+        await agent.stop()

@@ -57,6 +57,7 @@ PUBLIC_MODULES = [
     "flare_agent_async.tls",
     "flare_agent_async.testing",
     "flare_agent_async.protocol",
+    "flare_agent_async.client",
     "flare_agent_async.nvflare",  # with the nvflare extra
 ]
 FENCE = re.compile(r"^```(\w*)(.*?)\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)

@@ -30,6 +30,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
+from .._environment import ENV_AGENT_ID, ENV_JOB_ID, ENV_SITE_NAME, ENV_URL
 from .._validate import as_secret
 from ..defs import TaskResult
 from ..exceptions import SiteError, TaskAborted
@@ -43,11 +44,6 @@ T = TypeVar("T")
 
 JOB_META_KEY_AGENT_ID = "agent_id"
 """The job meta key NVFlare's IPCExchanger reads the agent id from; the executor reads it too."""
-
-ENV_URL = "FLARE_AGENT_URL"
-ENV_SITE_NAME = "FLARE_AGENT_SITE_NAME"
-ENV_AGENT_ID = "FLARE_AGENT_ID"
-ENV_JOB_ID = "FLARE_AGENT_JOB_ID"
 
 
 class _Aborted(Exception):

@@ -296,14 +296,29 @@ class AsyncFlareAgent:
             )
         return submission.accepted
 
-    async def log(self, key: str, value: Any, step: int | None = None) -> None:
+    async def log(
+        self,
+        key: str,
+        value: Any,
+        step: int | None = None,
+        *,
+        data_type: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         """Send a log record (a metric, usually) to the site, tagged with the current task.
 
+        ``data_type`` says what the value is and ``options`` carry more for its receiver,
+        for a tracking system (the Client API's writers set them as NVFlare's do).
+
         :raises AgentClosed: the agent is closed.
+        :raises TypeError: the value or an option cannot be sent.
         """
         self._check_started()
         check_payload(value, f"log value {key!r}")
-        self._protocol.log(key, value, step)
+        check_payload(options, f"log options of {key!r}")
+        if data_type is not None and not isinstance(data_type, str):
+            raise TypeError(f"data_type must be a str, got {type(data_type).__name__}")
+        self._protocol.log(key, value, step, data_type=data_type, options=options)
         self._wake_writer()
         await anyio.lowlevel.checkpoint()
 

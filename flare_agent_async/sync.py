@@ -29,6 +29,7 @@ Thread rules:
 
 from __future__ import annotations
 
+import functools
 import ssl
 import threading
 import weakref
@@ -186,9 +187,18 @@ class SyncFlareAgent(FlareAgent):
             yield task
             del task  # not kept alive while waiting for the next one: models are large
 
-    def log(self, key: str, value: Any, step: int | None = None) -> None:
+    def log(
+        self,
+        key: str,
+        value: Any,
+        step: int | None = None,
+        *,
+        data_type: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         """Send a log record (a metric, usually) to the site; see `AsyncFlareAgent.log`."""
-        self._running().call(self._agent.log, key, value, step)
+        log = functools.partial(self._agent.log, data_type=data_type, options=options)
+        self._running().call(log, key, value, step)
 
     def __enter__(self) -> Self:
         self.start()

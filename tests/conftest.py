@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -55,8 +56,17 @@ class SyncDriver:
     async def submit_result(self, result: TaskResult) -> bool:
         return await anyio.to_thread.run_sync(self.agent.submit_result, result)
 
-    async def log(self, key: str, value: Any, step: int | None = None) -> None:
-        await anyio.to_thread.run_sync(self.agent.log, key, value, step)
+    async def log(
+        self,
+        key: str,
+        value: Any,
+        step: int | None = None,
+        *,
+        data_type: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        log = functools.partial(self.agent.log, data_type=data_type, options=options)
+        await anyio.to_thread.run_sync(log, key, value, step)
 
     async def tasks(self) -> AsyncIterator[Task]:
         iterator = self.agent.tasks()

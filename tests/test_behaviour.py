@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 from anyio.abc import TaskStatus
 from conftest import Agent, assign
@@ -23,6 +24,7 @@ from flare_agent_async import (
     AgentClosed,
     CallStateError,
     FlareSite,
+    LogRecord,
     Task,
     TaskAborted,
     TaskResult,
@@ -489,6 +491,30 @@ async def test_payloads_that_cannot_be_sent_are_refused_where_they_are_given(
         with pytest.raises(TypeError, match=r"log value 'loss' is of type complex"):
             await agent.log("loss", 1j)
         assert await agent.submit_result(OK)  # nothing changed: the task still takes a result
+
+
+async def test_a_log_records_data_type_and_options_reach_the_site_as_sent(
+    make_agent: MakeAgent, listen_url: str
+) -> None:
+    records: list[LogRecord] = []
+    site = FlareSite("site-1", on_log=records.append)
+    async with anyio.create_task_group() as group, site:
+        url = await site.listen(listen_url)
+        async with make_agent(url, agent_id="a1", site_name="site-1") as agent:
+            group.start_soon(site.run_task, "a1", "train", 1)
+            assert await agent.get_task(timeout=5) is not None
+            options = {"writer": "MLFLOW", "global_step": 4, "weights": np.arange(3.0)}
+            await agent.log("acc", {"top1": 0.5}, 4, data_type="METRICS", options=options)
+            await agent.log("loss", 0.25)
+            with pytest.raises(TypeError, match="options"):
+                await agent.log("loss", 0.25, options={"bad": 1j})
+            assert await agent.submit_result(OK)
+    first, second = records
+    assert (first.key, first.value, first.step) == ("acc", {"top1": 0.5}, 4)
+    assert first.data_type == "METRICS"
+    assert (first.options["writer"], first.options["global_step"]) == ("MLFLOW", 4)
+    np.testing.assert_array_equal(first.options["weights"], np.arange(3.0))
+    assert (second.data_type, second.options) == (None, {})
 
 
 async def test_tasks_iterates_until_the_site_says_goodbye(

@@ -475,6 +475,7 @@ def test_stop_after_a_stop_from_an_abort_callback_joins_the_thread() -> None:
         assert agent.get_task(timeout=10) is not None
         submitted = threading.Thread(target=agent.submit_result, args=(OK,), daemon=True)
         submitted.start()  # unacknowledged: the stop waits for it, up to close_timeout
+        assert first.result(10).data == {"ok": True}  # the site has it: t0 is answered
         future = site.run_task_soon("a1", 1, task_id="t1")
         task = agent.get_task(timeout=10)
         assert task is not None
@@ -487,4 +488,3 @@ def test_stop_after_a_stop_from_an_abort_callback_joins_the_thread() -> None:
         submitted.join(10)
         with pytest.raises(Exception, match="aborted"):
             future.result(10)
-        del first

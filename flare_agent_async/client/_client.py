@@ -3,6 +3,7 @@ scripts, through anyio's portal (as `SyncFlareAgent`)."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import ssl
@@ -198,13 +199,19 @@ class AsyncClient:
         return await self.receive() is not None
 
     async def log(self, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
-        """Send a metric to the site, tagged with the task held; ``global_step`` (or ``step``)
-        in ``kwargs`` is its step.
+        """Send a metric to the site, tagged with the task held, as NVFlare's ``log``:
+        ``data_type`` is an `AnalyticsDataType` (ours, NVFlare's or its name), ``kwargs`` go to
+        the receiver (``global_step``, ``writer``, ...). Inside NVFlare, `AgentExecutor` fires it
+        as NVFlare's analytics event, for the server's TensorBoard, MLflow or W&B receivers.
 
         :raises RuntimeError: on a rank other than 0.
+        :raises TypeError: the value or an argument cannot be sent.
         """
-        step = kwargs.get("global_step", kwargs.get("step"))
-        await self._rank_0("log").log(key, value, step)
+        agent = self._rank_0("log")
+        options = {name: _plain(option) for name, option in kwargs.items()}
+        step = options.get("global_step", options.get("step"))
+        kind = None if data_type is None else str(_plain(data_type))
+        await agent.log(key, value, step, data_type=kind, options=options)
 
     async def shutdown(self) -> None:
         """Stop the agent: results still unacknowledged are delivered first."""
@@ -252,6 +259,11 @@ class AsyncClient:
     def get_config(self) -> dict[str, Any]:
         """The configuration: site, job, task names, transfer type, and what ``config`` added."""
         return self._exchange.config.as_dict()
+
+
+def _plain(value: Any) -> Any:
+    """An enum (NVFlare's ``AnalyticsDataType.SCALAR``, say) as its value; else ``value``."""
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def math_inf_if_none(timeout: float | None) -> float:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import anyio.abc
 import anyio.from_thread
+from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsDataType, LogWriterName
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey
@@ -29,12 +30,13 @@ from nvflare.apis.fl_constant import ReturnCode as FlareRC
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 
 from .._environment import ENV_AGENT_ID, ENV_JOB_ID, ENV_SITE_NAME, ENV_URL
 from .._validate import as_secret
 from ..defs import TaskResult
 from ..exceptions import SiteError, TaskAborted
-from ..site import FlareSite
+from ..site import FlareSite, LogRecord
 from ..tls import server_context
 from ._convert import BadShareable, result_to_shareable, shareable_to_task
 
@@ -170,6 +172,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self._portal_cm: contextlib.AbstractContextManager[anyio.from_thread.BlockingPortal] | None
         self._portal_cm = None
         self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._engine: Any = None  # NVFlare's engine, for the analytics events of log records
         self._host_future: concurrent.futures.Future[None] | None = None
         self._site: FlareSite | None = None
         self._stop: anyio.Event | None = None
@@ -191,7 +194,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             self._shutdown()
 
     def _start(self, fl_ctx: FLContext) -> None:
-        engine = fl_ctx.get_engine()
+        engine = self._engine = fl_ctx.get_engine()
         job_id = str(fl_ctx.get_job_id())
         site_name = str(fl_ctx.get_identity_name())
         if self.agent_id is None:
@@ -226,6 +229,42 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             fl_ctx, f"agent site {site_name!r} waits for agent {self.agent_id!r} at {url}"
         )
 
+    def _forward_log(self, record: LogRecord) -> None:
+        """Fire an agent's log record as NVFlare's analytics event (``analytix_log_stats``), as
+        NVFlare's Client API executor does: ``ConvertToFedEvent`` takes it to the server's
+        TensorBoard, MLflow or W&B receivers. A record without a data type is a ``SCALAR`` when its
+        value is a number; others are not for NVFlare's tracking and stay at the site."""
+        engine = self._engine
+        kind = record.data_type
+        if (
+            kind is None
+            and isinstance(record.value, int | float)
+            and not isinstance(record.value, bool)
+        ):
+            kind = AnalyticsDataType.SCALAR.value
+        if engine is None or kind is None:
+            return
+        options = dict(record.options)
+        writer = options.pop("writer", None) or LogWriterName.TORCH_TB.value
+        if record.step is not None:
+            options.setdefault("global_step", record.step)
+        try:
+            dxo = create_analytic_dxo(
+                tag=record.key,
+                value=record.value,
+                data_type=AnalyticsDataType(kind),
+                writer=LogWriterName(writer),
+                **options,
+            )
+        except (TypeError, ValueError) as exc:
+            self.logger.warning(
+                f"log record {record.key!r} of agent {record.agent_id!r} is not NVFlare "
+                f"analytics data: {exc}"
+            )
+            return
+        with engine.new_context() as fl_ctx:
+            send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
+
     async def _host(
         self,
         secret: bytes | None,
@@ -241,6 +280,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         # that belongs to another event loop.
         site = FlareSite(
             site_name,
+            on_log=self._forward_log,
             heartbeat_interval=self.heartbeat_interval,
             heartbeat_timeout=self.heartbeat_timeout,
             reconnect_timeout=self.reconnect_timeout,

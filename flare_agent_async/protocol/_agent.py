@@ -444,11 +444,26 @@ class AgentProtocol:
             self._outbox.append(message)
         return submission
 
-    def log(self, key: str, value: Any, step: int | None = None) -> None:
+    def log(
+        self,
+        key: str,
+        value: Any,
+        step: int | None = None,
+        *,
+        data_type: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         """Queue a log record; kept while disconnected, up to ``max_queued_logs``."""
         if self.state is AgentState.CLOSED:
             raise AgentClosed(f"the agent is closed: {self.close_reason}")
-        record = Log(key=key, value=value, step=step, task_id=self._current_id)
+        record = Log(
+            key=key,
+            value=value,
+            step=step,
+            task_id=self._current_id,
+            data_type=data_type,
+            options=options or None,
+        )
         if self.state is AgentState.READY:
             self._outbox.append(record)
         elif len(self._queued_logs) < self.max_queued_logs:

@@ -40,7 +40,7 @@ _STAGING_START = 8 * 1024  # an idle connection's staging: thousands of agents, 
 _PAYLOAD_FIELDS: dict[type, tuple[str, ...]] = {
     TaskAssign: ("meta", "data"),
     Result: ("meta", "data"),
-    Log: ("value",),
+    Log: ("value", "options"),
 }
 
 _encoder = msgspec.msgpack.Encoder()

@@ -130,6 +130,10 @@ class Log(_Base, tag="log", frozen=True, kw_only=True):
     value: Any
     step: int | None = None
     task_id: str | None = None
+    data_type: str | None = None
+    """What the value is, for a tracking system (NVFlare's ``AnalyticsDataType``: ``SCALAR``)."""
+    options: dict[str, Any] | None = None
+    """More for the receiver of the record (which writer's syntax, a step, ...)."""
 
 
 class Bye(_Base, tag="bye", frozen=True, kw_only=True):

@@ -125,6 +125,10 @@ class LogRecord:
     value: Any
     step: int | None
     task_id: str | None
+    data_type: str | None = None
+    """What the value is, for a tracking system (see `AsyncFlareAgent.log`)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """More for the record's receiver, as the agent sent it."""
 
 
 # Events returned by `SiteSession.receive` and friends.
@@ -302,8 +306,15 @@ class SiteSession:
             self._outbox.append(Heartbeat())
             return []
         if isinstance(message, Log):
+            options = message.options
             record = LogRecord(
-                self.agent_id, message.key, message.value, message.step, message.task_id
+                self.agent_id,
+                message.key,
+                message.value,
+                message.step,
+                message.task_id,
+                message.data_type,
+                options if isinstance(options, dict) else {},
             )
             return [LogReceived(record)]
         if isinstance(message, Bye):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,20 @@ class FakeEngine:
         (root / "local").mkdir()
         self.workspace = Workspace(str(root), SITE)
         self.events: list[str] = []
+        self.event_data: list[Any] = []
 
     def get_workspace(self) -> Workspace:
         return self.workspace
 
     def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
         self.events.append(event_type)
+        self.event_data.append(fl_ctx.get_prop(FLContextKey.EVENT_DATA))
+
+    @contextmanager
+    def new_context(self) -> Iterator[FLContext]:
+        ctx = FLContext()
+        ctx.set_prop(ReservedKey.ENGINE, self, private=True, sticky=False)
+        yield ctx
 
 
 @pytest.fixture
@@ -288,3 +296,45 @@ def test_the_persistor_loads_the_initial_model_and_saves_the_latest(
     np.testing.assert_array_equal(
         persistor.load_model(fl_ctx)[ModelLearnableKey.WEIGHTS]["w"], np.ones(3)
     )
+
+
+async def test_log_records_are_fired_as_nvflares_analytics_events(
+    fl_ctx: FLContext, tmp_path: Path
+) -> None:
+    from nvflare.apis.analytix import (
+        ANALYTIC_EVENT_TYPE,
+        AnalyticsDataType,
+        LogWriterName,
+        TrackConst,
+    )
+
+    executor = AgentExecutor(agent_id="a1")
+    engine = fl_ctx.get_engine()
+    async with running(executor, fl_ctx):
+        agent = AsyncFlareAgent(str(executor.url), agent_id="a1", site_name=SITE)
+        async with agent:
+            options = {"writer": "MLFLOW", "global_step": 2}
+            await agent.log("acc", 0.75, 2, data_type="METRIC", options=options)
+            await agent.log("loss", 0.5, 3)  # a plain number: TensorBoard's scalar
+            await agent.log("note", "text without a data type")  # not for NVFlare's tracking
+            await agent.log("bad", "x", data_type="NOT_A_TYPE")  # refused, with a warning
+            await agent.stop()  # the records are delivered before the goodbye
+    fired = [
+        from_shareable(data)
+        for event, data in zip(engine.events, engine.event_data, strict=True)
+        if event == ANALYTIC_EVENT_TYPE
+    ]
+    assert [dxo.data_kind for dxo in fired] == [DataKind.ANALYTIC, DataKind.ANALYTIC]
+    assert [
+        (
+            dxo.data[TrackConst.TRACK_KEY],
+            dxo.data[TrackConst.TRACK_VALUE],
+            dxo.data.get(TrackConst.GLOBAL_STEP_KEY),
+            dxo.get_meta_prop(TrackConst.DATA_TYPE_KEY),
+            dxo.get_meta_prop(TrackConst.TRACKER_KEY),
+        )
+        for dxo in fired
+    ] == [
+        ("acc", 0.75, 2, AnalyticsDataType.METRIC, LogWriterName.MLFLOW),
+        ("loss", 0.5, 3, AnalyticsDataType.SCALAR, LogWriterName.TORCH_TB),
+    ]

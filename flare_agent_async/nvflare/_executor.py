@@ -280,6 +280,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         # that belongs to another event loop.
         site = FlareSite(
             site_name,
+            job_id,  # a trainer that names its job (the Client API does) must name this one
             on_log=self._forward_log,
             heartbeat_interval=self.heartbeat_interval,
             heartbeat_timeout=self.heartbeat_timeout,

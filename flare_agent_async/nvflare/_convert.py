@@ -72,12 +72,19 @@ def result_to_shareable(result: TaskResult, app_defined: bool = False) -> Sharea
     if not isinstance(result.data, dict):
         return make_reply(FlareRC.EXECUTION_RESULT_ERROR)
     meta = dict(result.meta)
-    data_kind = (
-        DataKind.APP_DEFINED if app_defined else meta.get(MetaKey.DATA_KIND, DataKind.WEIGHTS)
-    )
+    # What the site added to a task's meta (and the Client API puts in a result's) travels as
+    # NVFlare's Client API sends it: the data kind as the DXO's, the rounds as headers.
+    kind = meta.pop(MetaKey.DATA_KIND, DataKind.WEIGHTS)
+    current_round = meta.pop(MetaKey.CURRENT_ROUND, None)
+    total_rounds = meta.pop(MetaKey.TOTAL_ROUND, None)
+    data_kind = DataKind.APP_DEFINED if app_defined else kind
     try:
         shareable = DXO(data_kind=data_kind, data=result.data, meta=meta).to_shareable()
     except Exception:
         return make_reply(FlareRC.EXECUTION_RESULT_ERROR)
+    if current_round is not None:
+        shareable.set_header(AppConstants.CURRENT_ROUND, current_round)
+    if total_rounds is not None:
+        shareable.set_header(AppConstants.NUM_ROUNDS, total_rounds)
     shareable.set_return_code(rc)
     return shareable

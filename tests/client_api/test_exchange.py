@@ -148,3 +148,26 @@ def test_a_task_from_nvflare_is_the_model_nvflares_client_api_receives() -> None
             theirs.total_rounds,
         )
         assert ours.meta == {**theirs.meta, "job_id": "job-1", "site_name": "site-1"}
+
+
+def test_a_result_reaches_nvflare_as_nvflares_client_api_sends_it() -> None:
+    pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.app_common.app_constant import AppConstants
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    from flare_agent_async.nvflare import result_to_shareable
+
+    for model in (
+        FLModel(params={"w": np.ones(2)}, current_round=1, total_rounds=3, meta={"n": 5}),
+        FLModel(params={"w": np.ones(2)}, params_type="DIFF", metrics={"acc": 0.5}),
+        FLModel(metrics={"acc": 0.75}, current_round=2),
+    ):
+        ours = result_to_shareable(result_from_model(model))
+        theirs = FLModelUtils.to_shareable(model)
+        ours_dxo, theirs_dxo = from_shareable(ours), from_shareable(theirs)
+        assert ours_dxo.data_kind == theirs_dxo.data_kind
+        assert ours_dxo.data is theirs_dxo.data or ours_dxo.data == theirs_dxo.data
+        assert ours_dxo.meta == theirs_dxo.meta
+        for header in (AppConstants.CURRENT_ROUND, AppConstants.NUM_ROUNDS):
+            assert ours.get_header(header) == theirs.get_header(header)

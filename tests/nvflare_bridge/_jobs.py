@@ -64,6 +64,24 @@ def fedavg_job(
     return job
 
 
+def fedavg_controller_job(
+    name: str, executor: Any, initial_model: Path, *, components: dict[str, Any] | None = None
+) -> FedJob:
+    """NVFlare's FLModel-based FedAvg controller over ``CLIENTS`` clients for ``ROUNDS`` rounds,
+    with the same persistor, ``executor`` on each client."""
+    from nvflare.app_common.workflows.fedavg import FedAvg
+
+    np.savez(initial_model, **INITIAL)
+    job = FedJob(name=name, min_clients=CLIENTS)
+    job.set_app_packages(["flare_agent_async"])
+    job.to(NpzModelPersistor(str(initial_model)), "server", id="persistor")
+    job.to(FedAvg(num_clients=CLIENTS, num_rounds=ROUNDS, persistor_id="persistor"), "server")
+    for name_, component in (components or {}).items():
+        job.to_clients(component, id=name_)
+    job.to_clients(executor, tasks=["train"])
+    return job
+
+
 def ipc_exchanger_job(initial_model: Path) -> FedJob:
     """The same job with NVFlare's stock IPCExchanger on each client (agent id ``trainer``,
     heartbeats every second), each client's cell URL written to ``cell_url.txt``."""
@@ -80,10 +98,12 @@ def ipc_exchanger_job(initial_model: Path) -> FedJob:
 
 
 def allow_our_classes(workspace: Path) -> None:
-    """The sites' class allow-list: NVFlare's defaults and this package."""
+    """The sites' class allow-list: NVFlare's defaults, this package, and NVFlare's cross-site
+    evaluation, which its defaults leave out."""
     local = workspace / "local"
     local.mkdir(parents=True, exist_ok=True)
-    allow = [*DEFAULT_CLASS_ALLOW_LIST, "flare_agent_async."]
+    extra = ["flare_agent_async.", "nvflare.app_common.workflows.cross_site_eval."]
+    allow = [*DEFAULT_CLASS_ALLOW_LIST, *extra]
     (local / "resources.json").write_text(json.dumps({"class_allow_list": allow}))
 
 

@@ -87,9 +87,12 @@ class AnalyticsRecorder(FLComponent):
 '''
 
 
-def run_job(tmp_path: Path, name: str, executor: object, *, record: bool) -> dict[str, np.ndarray]:
+def run_job(
+    tmp_path: Path, name: str, executor: object, *, record: bool, controller: bool = False
+) -> dict[str, np.ndarray]:
     components = {"to_fed_event": ConvertToFedEvent(events_to_convert=["analytix_log_stats"])}
-    job = _jobs.fedavg_job(name, executor, tmp_path / "initial.npz", components=components)
+    make = _jobs.fedavg_controller_job if controller else _jobs.fedavg_job
+    job = make(name, executor, tmp_path / "initial.npz", components=components)
     if record:
         sys.path.insert(0, str(tmp_path))
         try:
@@ -135,3 +138,86 @@ def test_a_client_api_script_trains_the_same_model_under_agent_executor_and_scri
     assert arrived == expected
     kinds = {(r["data_type"], r["writer"]) for r in map(json.loads, lines)}
     assert kinds == {("SCALAR", "TORCH_TENSORBOARD")}
+
+
+def test_under_nvflares_fedavg_controller_too(tmp_path: Path) -> None:
+    """The FLModel-based FedAvg controller reads results as FLModels: the same script gives the
+    same global model under AgentExecutor as under ScriptRunner."""
+    models = []
+    for name, script in (("ours", OURS), ("theirs", NVFLARES)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "client.py").write_text(script)
+        if name == "ours":
+            launch = f"{sys.executable} -u {folder / 'client.py'}"
+            executor: object = AgentExecutor(
+                agent_id="trainer", launch=launch, agent_connect_timeout=60
+            )
+        else:
+            executor = ScriptRunner(script=str(folder / "client.py"), framework=FrameworkType.NUMPY)
+        models.append(run_job(folder, f"fedavg_{name}", executor, record=False, controller=True))
+    ours, theirs = models
+    assert sorted(ours) == sorted(theirs) == sorted(_jobs.INITIAL)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name])
+        assert not np.array_equal(ours[name], _jobs.INITIAL[name])
+
+
+EVAL_SCRIPT = """\
+import numpy as np
+
+{import_line}
+from nvflare.app_common.abstract.fl_model import FLModel
+
+flare.init()
+local = {{"w": np.full(3, float(len(flare.get_site_name()) + int(flare.get_site_name()[-1])))}}
+while flare.is_running():
+    model = flare.receive()
+    if flare.is_submit_model():
+        flare.send(FLModel(params=local))
+    elif flare.is_evaluate():
+        score = float(sum(np.sum(np.asarray(v)) for v in model.params.values()))
+        flare.send(FLModel(metrics={{"score": score, "site": flare.get_site_name()}}))
+"""
+
+
+def test_cross_site_evaluation_gets_the_same_metrics(tmp_path: Path) -> None:
+    """Metrics-only results: NVFlare's cross-site evaluation of the sites' local models gives the
+    same table under AgentExecutor as under ScriptRunner."""
+    from nvflare.app_common.workflows.cross_site_eval import CrossSiteEval
+    from nvflare.job_config.api import FedJob
+
+    tables = []
+    for name, import_line in (
+        ("ours", "import flare_agent_async.client as flare"),
+        ("theirs", "import nvflare.client as flare"),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        script = folder / "client.py"
+        script.write_text(EVAL_SCRIPT.format(import_line=import_line))
+        job = FedJob(name=f"cse_{name}", min_clients=_jobs.CLIENTS)
+        job.set_app_packages(["flare_agent_async"])
+        job.to_server(
+            CrossSiteEval(server_models=[], submit_model_timeout=60, validation_timeout=60)
+        )
+        executor: object
+        if name == "ours":
+            launch = f"{sys.executable} -u {script}"
+            executor = AgentExecutor(agent_id="trainer", launch=launch, agent_connect_timeout=60)
+        else:
+            executor = ScriptRunner(script=str(script), framework=FrameworkType.NUMPY)
+        job.to_clients(executor, tasks=["submit_model", "validate"])
+        process, workspace = _jobs.start_simulator(job, folder)
+        out = (folder / "simulator.out").read_text
+        assert _jobs.finish_simulator(process) == 0, out()[-3000:]
+        assert _jobs.error_logs(workspace) == {}
+        (table,) = workspace.rglob("cross_val_results.json")
+        tables.append(json.loads(table.read_text()))
+    ours, theirs = tables
+    assert ours == theirs
+    assert ours == {
+        site: {owner: {"score": 3.0 * (6 + int(owner[-1])), "site": site} for owner in ours[site]}
+        for site in ("site-1", "site-2")
+    }
+    assert all(sorted(owners) == ["site-1", "site-2"] for owners in ours.values())

@@ -246,6 +246,12 @@ class AsyncFlareAgent:
             return self._hand_over(assigned)  # no checkpoint since the fetch: nothing is lost
         return None
 
+    @property
+    def task_ready(self) -> bool:
+        """Whether a task is here, waiting for `get_task`. Any thread may read it, as a hint: a
+        task may arrive just after it reads False, and only `get_task` takes one."""
+        return self._protocol.task_pending
+
     def get_task_nowait(self) -> Task | None:
         """The next task if it is here already, else None; never waits.
 

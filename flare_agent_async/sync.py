@@ -148,10 +148,13 @@ class SyncFlareAgent(FlareAgent):
         """
         check_timeout(timeout)
         runner = self._running()
-        # A training loop's next task usually arrives with the acknowledgement of its last
-        # result: then one light trip takes it, and no task is started in the loop for the call.
-        task = runner.call_sync(self._agent.get_task_nowait)
-        return task if task is not None else runner.call(self._agent.get_task, timeout)
+        if self._agent.task_ready:
+            # The task is here already (it came with the acknowledgement of the last result,
+            # say): one light trip takes it, and no task is started in the loop for the call.
+            task = runner.call_sync(self._agent.get_task_nowait)
+            if task is not None:
+                return task
+        return runner.call(self._agent.get_task, timeout)
 
     def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result; blocks until the site acknowledged it.

@@ -409,6 +409,11 @@ class AgentProtocol:
         return task
 
     @property
+    def task_pending(self) -> bool:
+        """Whether a task waits for `fetch_task`."""
+        return self._pending is not None
+
+    @property
     def current_task_id(self) -> str | None:
         """The task the trainer holds (fetched, its result not yet submitted), if any."""
         return self._current_id

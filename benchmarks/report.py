@@ -481,7 +481,7 @@ the same run, by ours.
 ## Floors
 
 The same machine without us: a 100-byte TCP ping-pong over raw blocking sockets and over anyio
-streams, one bare `BlockingPortal.call` (the sync facade's yardstick: it makes two crossings per
+streams, one bare `BlockingPortal.call` (the sync facade's yardstick: it makes two portal calls per
 task), and models out and back over raw blocking sockets (`sendall`, `recv_into` a new buffer).
 
 {floor}
@@ -554,11 +554,11 @@ each one the same work per message as above; a longer interval costs proportiona
 Each connection holds its protocol state, a few tasks of the event loop and its read buffers
 (which start small and grow only while reads fill them).""",
     "sync facade": """
-The facade's two crossings per task (`get_task`, `submit_result`) are single trips into the
-agent's event loop and back, where a portal call makes two; a bare portal call on this machine
-is itself mostly the two threads waking each other. What the facade adds beyond two of them is
-spread over the same wake-ups plus the call's task in the loop; profiling did not single out a
-cause inside the library.""",
+The facade is anyio's portal: `submit_result` is one `portal.call`, and so is `get_task` unless
+the task is already there, when one lighter trip (`from_thread.run_sync`) takes it. A portal call
+wakes the calling thread twice (once the call's task is started in the loop, once it is done),
+and each call runs a task of the agent's in the loop, which a bare portal call does not; that is
+what the facade adds beyond two bare portal calls.""",
     "raw-socket floor": """
 The floor's own figure swings widely between runs on this machine: fresh memory is slow to
 touch here, and a model received into new memory pays for it, on both sides of the

@@ -35,15 +35,24 @@ def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
 def test_ci_runs_the_readme_commands_first_and_as_written() -> None:
     commands = [" ".join(block.split()) for block in fenced(README.read_text(), "sh")]
     assert len(commands) == 2, "the README gives two commands"
+    ci = (ROOT / ".ci" / "run").read_text()
+    step_1 = ci.split('/newcomer/bin/activate"\n', 1)[1].split("\n)", 1)[0]
+    assert [line.strip() for line in step_1.splitlines()] == commands
+    installs = [
+        line.strip()
+        for line in ci.splitlines()
+        if "pip install" in line and not line.lstrip().startswith(("#", "DEMO_", "TEST_"))
+    ]
+    assert installs[0] == commands[0], "the first install in .ci/run is README's"
+    assert installs[1] == commands[1], "the second install in .ci/run is README's"
     done = subprocess.run(
-        ["bash", str(ROOT / ".ci" / "run"), "--dry-run"],
+        ["bash", str(ROOT / ".ci" / "run"), "--dry-run"],  # its own check of README.md
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    assert done.stdout.splitlines() == commands, "what .ci/run runs first is what README.md says"
-    assert "flare-agent-async demo" in commands[0] and "pytest" in commands[1]
+    assert done.stdout.splitlines() == commands
 
 
 def test_the_readme_links_point_at_pages_that_exist() -> None:

@@ -25,7 +25,14 @@ from .exceptions import TransportError
 from .protocol import Heartbeat, Limits, Log, Message, Result, TaskAck, TaskAssign
 from .transports import MessageStream, MessageStreamAttribute, connector_for, create_listener
 
-__all__ = ["CHECKS", "TransportCheckFailed", "check_transport"]
+__all__ = [
+    "CHECKS",
+    "TransportCheckFailed",
+    "TransportPairs",
+    "check_nobody_listening",
+    "check_transport",
+    "transport_pairs",
+]
 
 MiB = 2**20
 
@@ -242,10 +249,20 @@ async def concurrent_senders(client: MessageStream, server: MessageStream) -> No
     )
 
 
-async def _end_of_stream(stream: MessageStream) -> None:
-    for _ in range(2):  # and again: the end stays the end
+async def _send_close_then_end(
+    client: MessageStream, server: MessageStream, sent: list[Message]
+) -> None:
+    """``client`` sends ``sent`` and closes: all of it arrives at ``server``, then the end of the
+    stream (and again: the end stays the end)."""
+    received: list[Message] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(_receive_n, server, len(sent), received)
+        await _send_all(client, sent)
+        await client.aclose()
+    _all_equal(received, sent)
+    for _ in range(2):
         try:
-            message = await stream.receive()
+            message = await server.receive()
         except anyio.EndOfStream:
             continue
         raise TransportCheckFailed(f"expected the end of the stream, got {message!r}")
@@ -254,28 +271,16 @@ async def _end_of_stream(stream: MessageStream) -> None:
 async def peer_close_delivers_then_ends(client: MessageStream, server: MessageStream) -> None:
     """After the peer sends and closes, everything it sent arrives, then `anyio.EndOfStream`."""
     sent: list[Message] = [TaskAck(task_id="a"), big_task("before-close", 4 * MiB), Heartbeat()]
-    received: list[Message] = []
-    async with anyio.create_task_group() as group:
-        group.start_soon(_receive_n, server, len(sent), received)
-        await _send_all(client, sent)
-        await client.aclose()
-    _all_equal(received, sent)
-    await _end_of_stream(server)
+    await _send_close_then_end(client, server, sent)
 
 
 async def peer_close_with_unread(client: MessageStream, server: MessageStream) -> None:
     """A peer that closes with messages it never read still ends the stream cleanly."""
     await server.send(Heartbeat())  # the client never reads it
     await client.send(TaskAck(task_id="first"))
-    sent: list[Message] = [big_task("before-close", 4 * MiB), TaskAck(task_id="last")]
-    received: list[Message] = []
     message_equal(await server.receive(), TaskAck(task_id="first"))
-    async with anyio.create_task_group() as group:
-        group.start_soon(_receive_n, server, len(sent), received)
-        await _send_all(client, sent)
-        await client.aclose()
-    _all_equal(received, sent)
-    await _end_of_stream(server)
+    sent: list[Message] = [big_task("before-close", 4 * MiB), TaskAck(task_id="last")]
+    await _send_close_then_end(client, server, sent)
 
 
 async def own_close(client: MessageStream, server: MessageStream) -> None:
@@ -463,46 +468,88 @@ CHECKS: dict[str, Check] = {
 # -- running them -------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def _pairs(
-    url: str,
-    listen_ssl_context: ssl.SSLContext | None,
-    connect_ssl_context: ssl.SSLContext | None,
-    limits: Limits | None,
-) -> AsyncIterator[Callable[[], Awaitable[Pair]]]:
-    """A listener at ``url``; the function it yields opens one connection, both its ends."""
-    listener = await create_listener(url, ssl_context=listen_ssl_context, limits=limits)
-    connector = connector_for(listener.url, ssl_context=connect_ssl_context, limits=limits)
-    accepted_send, accepted = anyio.create_memory_object_stream[MessageStream](math.inf)
-    release = anyio.Event()
-    streams: list[MessageStream] = []
+class TransportPairs:
+    """Connections to a listener of the transport under test, both ends in hand: `pair` opens one.
 
-    async def handler(stream: MessageStream) -> None:
+    Use it for checks of your own beside `check_transport` (a TLS transport's trust rules,
+    say)::
+
+        async with transport_pairs("tls://127.0.0.1:0", listen_ssl_context=...) as pairs:
+            client, server = await pairs.pair()
+            stranger = await pairs.connect(ssl_context=untrusting)  # raises TransportError
+    """
+
+    def __init__(self, url: str, connect_ssl_context: ssl.SSLContext | None, limits: Limits | None):
+        self.url = url
+        """The URL the listener reports (the real port when port 0 was asked for)."""
+        self._connect_ssl_context = connect_ssl_context
+        self._limits = limits
+        self._accepted_send, self._accepted = anyio.create_memory_object_stream[MessageStream](
+            math.inf
+        )
+        self._release = anyio.Event()
+        self._streams: list[MessageStream] = []  # closed at the end
+
+    async def _handle(self, stream: MessageStream) -> None:
         # Kept open until the end: a transport may close a stream when its handler returns.
-        streams.append(stream)
-        accepted_send.send_nowait(stream)
-        await release.wait()
+        self._streams.append(stream)
+        self._accepted_send.send_nowait(stream)
+        await self._release.wait()
 
-    async def pair() -> Pair:
+    async def connect(self, *, ssl_context: ssl.SSLContext | None = None) -> MessageStream:
+        """A new client end (with ``ssl_context`` instead of the usual one, when given).
+
+        :raises TransportError: as the transport's connector does.
+        """
+        context = ssl_context if ssl_context is not None else self._connect_ssl_context
         with anyio.fail_after(10):
-            client = await connector.connect()
-            streams.append(client)
-            return client, await accepted.receive()
+            stream = await connector_for(
+                self.url, ssl_context=context, limits=self._limits
+            ).connect()
+        self._streams.append(stream)
+        return stream
 
+    async def accept(self) -> MessageStream:
+        """The server end of the next connection the listener accepted."""
+        with anyio.fail_after(10):
+            return await self._accepted.receive()
+
+    async def pair(self) -> Pair:
+        """A new connection: ``(client, server)``."""
+        client = await self.connect()
+        return client, await self.accept()
+
+    def pending(self) -> int:
+        """Connections accepted but not taken by `accept` yet."""
+        return self._accepted.statistics().current_buffer_used
+
+
+@asynccontextmanager
+async def transport_pairs(
+    url: str,
+    *,
+    listen_ssl_context: ssl.SSLContext | None = None,
+    connect_ssl_context: ssl.SSLContext | None = None,
+    limits: Limits | None = None,
+) -> AsyncIterator[TransportPairs]:
+    """A listener at ``url`` serving in a task group, and `TransportPairs` to connect to it; at
+    the end every connection and the listener are closed."""
+    listener = await create_listener(url, ssl_context=listen_ssl_context, limits=limits)
+    pairs = TransportPairs(listener.url, connect_ssl_context, limits)
     try:
         async with anyio.create_task_group() as group:
-            group.start_soon(listener.serve, handler, group)
+            group.start_soon(listener.serve, pairs._handle, group)
             try:
-                yield pair
+                yield pairs
             finally:
-                release.set()
+                pairs._release.set()
                 with anyio.fail_after(15, shield=True):
-                    for stream in streams:
+                    for stream in pairs._streams:
                         await stream.aclose()
                     await listener.aclose()
     finally:
-        accepted_send.close()
-        accepted.close()
+        pairs._accepted_send.close()
+        pairs._accepted.close()
 
 
 async def check_nobody_listening(
@@ -551,9 +598,10 @@ async def check_transport(
     names = list(CHECKS) if checks is None else list(checks)
     selected = [(name, CHECKS[name]) for name in names]
     failed: TransportCheckFailed | None = None  # raised out here: not in an exception group
-    async with _pairs(url, listen_ssl_context, connect_ssl_context, limits) as pair:
+    options = {"listen_ssl_context": listen_ssl_context, "connect_ssl_context": connect_ssl_context}
+    async with transport_pairs(url, limits=limits, **options) as pairs:
         for name, check in selected:
-            client, server = await pair()
+            client, server = await pairs.pair()
             try:
                 with anyio.fail_after(timeout):
                     await check(client, server)

@@ -123,7 +123,6 @@ class AsyncFlareAgent:
         self._exit_on_stop = False
         self._host_task = 0
         self._task: Task | None = None  # the task the trainer holds, to signal its abort
-        self._welcomes = 0  # how many times a site welcomed this agent
         self._welcome_scope: anyio.CancelScope | None = None  # bounds a reconnect until welcomed
 
     @property
@@ -390,13 +389,9 @@ class AsyncFlareAgent:
             if self._rejection is not None:
                 raise ConnectionRejected(self._rejection)
             raise TransportError(f"the connection closed before the site's welcome: {error}")
-        welcomes = self._welcomes
-        deadline = math.inf
+        deadline: float | None = None  # when the current outage gives up
         while protocol.state is not AgentState.CLOSED:
-            if self._welcomes != welcomes:  # welcomed since the last loss: the clock restarts
-                welcomes = self._welcomes
-                deadline = math.inf
-            if deadline == math.inf:
+            if deadline is None:
                 deadline = anyio.current_time() + self._reconnect_timeout
             logger.warning("agent %s lost its connection (%s); reconnecting", self.agent_id, error)
             try:
@@ -404,11 +399,15 @@ class AsyncFlareAgent:
             except TransportError as exc:
                 self._close(f"the site is gone: {exc}", exc)
                 return
-            # Until the welcome, the reconnect deadline bounds this connection too.
-            with anyio.CancelScope(deadline=deadline) as self._welcome_scope:
+            # Until the welcome, the reconnect deadline bounds this connection too; the welcome
+            # lifts it (see _AgentSide), and the next loss starts the clock anew.
+            with anyio.CancelScope(deadline=deadline) as scope:
+                self._welcome_scope = scope
                 error = await self._serve(stream, None)
             self._welcome_scope = None
-            if self._welcomes == welcomes and anyio.current_time() >= deadline:
+            if scope.deadline == math.inf:
+                deadline = None
+            elif anyio.current_time() >= deadline:
                 silent = TransportError(
                     f"no welcome from {self._connector.url} within "
                     f"{self._reconnect_timeout:g} s of losing the connection ({error})"
@@ -526,7 +525,6 @@ class _AgentSide:
 
     def _welcomed(self) -> None:
         agent = self._agent
-        agent._welcomes += 1
         assert self.connection is not None
         self.connection.read_timeout_changed()  # the site's heartbeat timeout from now on
         if agent._welcome_scope is not None:

@@ -21,6 +21,7 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from . import demo as _demo
+from ._environment import ENV_SECRET
 from .agent import AsyncFlareAgent
 from .defs import RC, Task, TaskResult
 from .exceptions import FlareAgentError
@@ -200,7 +201,7 @@ def run_agent(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "agent_id": args.agent_id,
         "site_name": args.site_name,
-        "secret": args.secret or os.environ.get("FLARE_AGENT_SECRET"),
+        "secret": args.secret or os.environ.get(ENV_SECRET),
         "connect_timeout": args.connect_timeout,
     }
     if args.sync:
@@ -463,7 +464,7 @@ async def _agent_process(url: str, agent_id: str, args: argparse.Namespace) -> N
 def run_site(args: argparse.Namespace) -> int:
     agent_ids = [agent_id for agent_id in args.agents.split(",") if agent_id]
     display = Display(args.rounds, agent_ids, quiet=args.quiet, as_json=args.json)
-    secret = args.secret or os.environ.get("FLARE_AGENT_SECRET")
+    secret = args.secret or os.environ.get(ENV_SECRET)
 
     async def main() -> list[_demo.Round]:
         async with FlareSite(args.site_name, secret=secret) as site:

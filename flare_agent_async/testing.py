@@ -6,7 +6,8 @@
 * `ScriptedPeer`: the far end of an agent's connection, driven message by message by the test;
 * `FaultyConnector`: wraps a connector so a test can break connections at chosen moments, or at
   random from a seed: drops, duplicates, truncated frames, delays and slow readers;
-* `check_transport`: the conformance suite every transport passes, for a plugin's own tests.
+* `check_transport`: the conformance suite every transport passes, for a plugin's own tests;
+  `transport_pairs`: connections to a listener of a transport, both ends in hand.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ObjectStream, TaskGroup
 
-from ._conformance import CHECKS, TransportCheckFailed, check_nobody_listening, check_transport
+from ._conformance import (
+    CHECKS,
+    TransportCheckFailed,
+    TransportPairs,
+    check_nobody_listening,
+    check_transport,
+    transport_pairs,
+)
 from .agent import AsyncFlareAgent
 from .defs import TaskResult
 from .exceptions import TransportError
@@ -60,10 +68,12 @@ __all__ = [
     "FaultyConnector",
     "ScriptedPeer",
     "TransportCheckFailed",
+    "TransportPairs",
     "check_nobody_listening",
     "check_transport",
     "run_trainer",
     "site_and_agent",
+    "transport_pairs",
 ]
 
 T = TypeVar("T")

@@ -2,14 +2,18 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import pytest
 
-from flare_agent_async import AsyncFlareAgent, SyncFlareAgent, Task, TaskResult
+from flare_agent_async import AsyncFlareAgent, FlareSite, SyncFlareAgent, Task, TaskResult
 from flare_agent_async.protocol import TaskAssign
 
 #: The event loops async tests run on; ``FLARE_AGENT_ASYNC_BACKENDS=trio`` narrows it (nox does).
@@ -106,3 +110,38 @@ def assign(task_id: str, data: object = None, meta: object = None) -> TaskAssign
     """A task message as a scripted site sends it (meta may be anything: tests send bad ones)."""
     meta = meta if meta is not None else {}
     return TaskAssign(task_id=task_id, task_name="train", meta=meta, data=data)  # type: ignore[arg-type]
+
+
+class SiteThread:
+    """A FlareSite on an event loop in a background thread, called from the test's thread."""
+
+    def __init__(self, portal: anyio.from_thread.BlockingPortal, site: FlareSite, url: str):
+        self.portal, self.site, self.url = portal, site, url
+
+    def run_task_soon(self, agent_id: str, data: Any, **options: Any) -> Future[TaskResult]:
+        async def run() -> TaskResult:
+            return await self.site.run_task(agent_id, "train", data, **options)
+
+        return self.portal.start_task_soon(run)
+
+    def wait_for_agent(self, agent_id: str) -> None:
+        self.portal.call(lambda: self.site.wait_for_agent(agent_id, timeout=10))
+
+    def wait_until_no_agent(self) -> None:
+        """The site closes its end of a connection in its own thread once it has read the
+        goodbye: wait for that (bounded polling across threads) before counting descriptors."""
+        deadline = time.monotonic() + 10
+        while self.portal.call(lambda: self.site.agents):
+            assert time.monotonic() < deadline, "the site never saw the agent leave"
+            time.sleep(0.01)
+
+
+@contextmanager
+def site_thread(**site_options: Any) -> Iterator[SiteThread]:
+    """A ``FlareSite("site-1", ...)`` listening on TCP in a thread of its own, for tests whose
+    agents block (the synchronous agent, the Client API's functions)."""
+    with anyio.from_thread.start_blocking_portal() as portal:
+        site = FlareSite("site-1", **site_options)
+        with portal.wrap_async_context_manager(site):
+            url = portal.call(site.listen, "tcp://127.0.0.1:0")
+            yield SiteThread(portal, site, url)

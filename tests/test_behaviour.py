@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from conftest import Agent, assign
 
 from flare_agent_async import (
@@ -209,6 +209,23 @@ async def test_a_silent_site_is_declared_dead_and_the_agent_closes(
         await agent.stop()
 
 
+async def submit_in_flight(
+    agent: Agent, peer: ScriptedPeer, stream: MessageStream, group: TaskGroup
+) -> list[bool]:
+    """Give ``agent`` a task, submit its result in the background and wait until the site has
+    it, unacknowledged; ``submit_result``'s answer lands in the list returned."""
+    await stream.send(assign("t1", 1))
+    assert await agent.get_task(timeout=5) is not None
+    outcome: list[bool] = []
+
+    async def submit() -> None:
+        outcome.append(await agent.submit_result(OK))
+
+    group.start_soon(submit)
+    assert (await peer.receive_until(stream, Result)).task_id == "t1"
+    return outcome
+
+
 async def hold_silently(stream: MessageStream) -> None:
     """Keep a connection open and read what comes, answering nothing."""
     with suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -229,15 +246,7 @@ async def test_a_site_that_holds_its_connections_and_goes_silent_is_declared_dea
         )
         stream = await peer.start_agent(agent, group)  # type: ignore[arg-type]
         silent_since = anyio.current_time()  # the task is the last the agent hears
-        await stream.send(assign("t1", 1))
-        assert await agent.get_task(timeout=5) is not None
-        outcome: list[bool] = []
-
-        async def submit() -> None:
-            outcome.append(await agent.submit_result(OK))
-
-        group.start_soon(submit)
-        assert (await peer.receive_until(stream, Result)).task_id == "t1"
+        outcome = await submit_in_flight(agent, peer, stream, group)
         group.start_soon(hold_silently, stream)  # no acknowledgement, no heartbeat, no close
         with anyio.fail_after(30):
             again = await peer.accept()  # the agent gave up on the silent connection
@@ -260,15 +269,7 @@ async def test_a_submit_in_flight_returns_false_when_the_site_says_goodbye(
     async with ScriptedPeer(url=listen_url) as peer, anyio.create_task_group() as group:
         agent = make_agent(peer.url, agent_id="a1", site_name="site-1")
         stream = await peer.start_agent(agent, group)  # type: ignore[arg-type]
-        await stream.send(assign("t1", 1))
-        assert await agent.get_task(timeout=5) is not None
-        outcome: list[bool] = []
-
-        async def submit() -> None:
-            outcome.append(await agent.submit_result(OK))
-
-        group.start_soon(submit)
-        assert (await peer.receive_until(stream, Result)).task_id == "t1"
+        outcome = await submit_in_flight(agent, peer, stream, group)
         await stream.send(Bye(reason="job ended"))
         await wait_until(lambda: bool(outcome), "submit_result returned")
         assert outcome == [False]

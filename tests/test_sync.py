@@ -17,15 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.from_thread
 import pytest
+from conftest import site_thread
 
 from flare_agent_async import (
     AgentClosed,
     CallStateError,
     FlareAgent,
-    FlareSite,
     SyncFlareAgent,
     Task,
     TaskResult,
@@ -35,39 +33,6 @@ from flare_agent_async.testing import FaultyConnector
 from flare_agent_async.transports import connector_for
 
 OK = TaskResult({}, {"ok": True})
-
-
-class SiteThread:
-    """A FlareSite on an event loop in a background thread, called from the test's thread."""
-
-    def __init__(self, portal: anyio.from_thread.BlockingPortal, site: FlareSite, url: str):
-        self.portal, self.site, self.url = portal, site, url
-
-    def run_task_soon(self, agent_id: str, data: Any, **options: Any) -> Future[TaskResult]:
-        async def run() -> TaskResult:
-            return await self.site.run_task(agent_id, "train", data, **options)
-
-        return self.portal.start_task_soon(run)
-
-    def wait_for_agent(self, agent_id: str) -> None:
-        self.portal.call(lambda: self.site.wait_for_agent(agent_id, timeout=10))
-
-    def wait_until_no_agent(self) -> None:
-        """The site closes its end of a connection in its own thread once it has read the
-        goodbye: wait for that (bounded polling across threads) before counting descriptors."""
-        deadline = time.monotonic() + 10
-        while self.portal.call(lambda: self.site.agents):
-            assert time.monotonic() < deadline, "the site never saw the agent leave"
-            time.sleep(0.01)
-
-
-@contextmanager
-def site_thread() -> Iterator[SiteThread]:
-    with anyio.from_thread.start_blocking_portal() as portal:
-        site = FlareSite("site-1")
-        with portal.wrap_async_context_manager(site):
-            url = portal.call(site.listen, "tcp://127.0.0.1:0")
-            yield SiteThread(portal, site, url)
 
 
 def run_script(script: str, hang: str) -> subprocess.CompletedProcess[str]:

@@ -116,7 +116,6 @@ class AsyncClient:
                 reconnect_timeout=reconnect_timeout,
                 close_timeout=close_timeout,
             )
-        self._ended = False  # the site said goodbye: the job is over
 
     async def __aenter__(self) -> Self:
         if self._agent is not None:
@@ -150,16 +149,15 @@ class AsyncClient:
         if agent is None:
             return None
         model = self._exchange.held()
-        if model is not None or self._ended:
+        if model is not None:
             return model
-        with anyio.move_on_after(math_inf_if_none(timeout)):
+        with anyio.move_on_after(timeout):
             while True:
                 try:
                     task = await agent.get_task()
-                except AgentClosed:
+                except AgentClosed:  # the job is over, unless the agent failed
                     if agent.failure is not None:
                         raise
-                    self._ended = True
                     return None
                 assert task is not None
                 try:
@@ -264,11 +262,6 @@ class AsyncClient:
 def _plain(value: Any) -> Any:
     """An enum (NVFlare's ``AnalyticsDataType.SCALAR``, say) as its value; else ``value``."""
     return value.value if isinstance(value, enum.Enum) else value
-
-
-def math_inf_if_none(timeout: float | None) -> float:
-    """``timeout`` for `anyio.move_on_after`: None waits for ever."""
-    return float("inf") if timeout is None else timeout
 
 
 class Client:

@@ -16,6 +16,7 @@ drive it, each over its agent.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,16 +196,8 @@ class Exchange:
                 diff = params_diff(self.model.params, model.params)
             except Exception as exc:
                 raise RuntimeError(f"params diff function failed: {exc}") from exc
-            model = FLModel(
-                params_type=ParamsType.DIFF,
-                params=diff,
-                optimizer_params=model.optimizer_params,
-                metrics=model.metrics,
-                start_round=model.start_round,
-                current_round=model.current_round,
-                total_rounds=model.total_rounds,
-                meta=model.meta,
-            )
+            model = copy.copy(model)  # a shallow copy: the sender's model keeps its full params
+            model.params, model.params_type = diff, ParamsType.DIFF
         return result_from_model(model)
 
     def sent_result(self, model: object, *, clear_cache: bool) -> None:
@@ -212,15 +205,10 @@ class Exchange:
         dropped, as NVFlare does, so large models are freed); else keep the one received."""
         self.sent = True
         if clear_cache:
-            sent = model if isinstance(model, FLModel) else None
-            for done in (sent, self.model):
-                if done is not None:
-                    done.params = None
-                    done.optimizer_params = None
-            if not isinstance(model, FLModel):  # NVFlare's FLModel: the same, by attribute
+            for done in (model, self.model):  # ours, or NVFlare's: the same attributes
                 for name in ("params", "optimizer_params"):
-                    if hasattr(model, name):
-                        setattr(model, name, None)
+                    if hasattr(done, name):
+                        setattr(done, name, None)
             self.clear()
 
     def clear(self) -> None:

@@ -414,11 +414,6 @@ class AgentProtocol:
         return self._pending is not None
 
     @property
-    def current_task_id(self) -> str | None:
-        """The task the trainer holds (fetched, its result not yet submitted), if any."""
-        return self._current_id
-
-    @property
     def current_aborted(self) -> bool:
         """Whether the site gave up on the task the trainer holds."""
         return self._current_aborted

@@ -4,14 +4,13 @@ module functions, and what each call does after an abort, a goodbye or a lost si
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import numpy as np
 import pytest
+from conftest import site_thread
 
 import flare_agent_async.client as flare
 from flare_agent_async import AgentClosed, FlareSite, LogRecord, TaskAborted
@@ -183,26 +182,15 @@ def test_settings_come_from_the_arguments_or_the_environment(
 # -- the blocking Client and the module functions ---------------------------------------------
 
 
-@contextmanager
-def site_thread() -> Iterator[tuple[anyio.from_thread.BlockingPortal, FlareSite, str]]:
-    with anyio.from_thread.start_blocking_portal() as portal:
-        site = FlareSite("site-1", "job-1")
-        with portal.wrap_async_context_manager(site):
-            yield portal, site, portal.call(site.listen, "tcp://127.0.0.1:0")
-
-
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_the_module_functions_run_a_script_written_for_nvflare(backend: str) -> None:
-    with site_thread() as (portal, site, url):
+    with site_thread(job_id="job-1") as site:
         with pytest.raises(RuntimeError, match=r"flare.init\(\)"):
             flare.receive()
-        client = flare.init(site=url, agent_id="a1", site_name="site-1", backend=backend)
+        client = flare.init(site=site.url, agent_id="a1", site_name="site-1", backend=backend)
         try:
             assert flare.init() is client  # a second init changes nothing
-            futures = [
-                portal.start_task_soon(site.run_task, "a1", "train", {"w": n}, round_meta(n))
-                for n in range(1)
-            ]
+            futures = [site.run_task_soon("a1", {"w": n}, meta=round_meta(n)) for n in range(1)]
             assert flare.is_running()
             model = flare.receive()
             assert model is not None and flare.is_train() and flare.get_task_name() == "train"
@@ -224,11 +212,11 @@ def test_a_blocking_client_takes_nvflares_own_model() -> None:
     nvflare_model = pytest.importorskip(
         "nvflare.app_common.abstract.fl_model", reason="needs NVFlare: pip install -e '.[test]'"
     )
-    with site_thread() as (portal, site, url):
-        client = Client(url, agent_id="a1", site_name="site-1")
+    with site_thread() as site:
+        client = Client(site.url, agent_id="a1", site_name="site-1")
         client.start()
         try:
-            future = portal.start_task_soon(site.run_task, "a1", "train", {"w": 1}, round_meta(0))
+            future = site.run_task_soon("a1", {"w": 1}, meta=round_meta(0))
             assert client.receive(timeout=10) is not None
             client.send(nvflare_model.FLModel(params={"w": 2}, metrics={"acc": 1.0}))
             result = future.result(10)

@@ -4,16 +4,13 @@ writer and step reach the site."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import anyio
-import anyio.from_thread
 import pytest
+from conftest import site_thread
 
 import flare_agent_async.client as flare
-from flare_agent_async import FlareSite, LogRecord
+from flare_agent_async import LogRecord
 from flare_agent_async.client import tracking
 
 CALLS: list[tuple[str, str, tuple[Any, ...]]] = [
@@ -35,14 +32,6 @@ def plain(value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
-@contextmanager
-def site_thread(records: list[LogRecord]) -> Iterator[str]:
-    with anyio.from_thread.start_blocking_portal() as portal:
-        site = FlareSite("site-1", on_log=records.append)
-        with portal.wrap_async_context_manager(site):
-            yield portal.call(site.listen, "tcp://127.0.0.1:0")
-
-
 def test_the_writers_send_what_nvflares_send(monkeypatch: pytest.MonkeyPatch) -> None:
     nvflare_tracking = pytest.importorskip(
         "nvflare.client.tracking", reason="needs NVFlare: pip install -e '.[test]'"
@@ -58,8 +47,8 @@ def test_the_writers_send_what_nvflares_send(monkeypatch: pytest.MonkeyPatch) ->
         getattr(getattr(nvflare_tracking, writer)(ctx=object()), method)(*arguments)
 
     records: list[LogRecord] = []
-    with site_thread(records) as url:
-        flare.init(site=url, agent_id="a1", site_name="site-1")
+    with site_thread(on_log=records.append) as site:
+        flare.init(site=site.url, agent_id="a1", site_name="site-1")
         try:
             for writer, method, arguments in CALLS:
                 getattr(getattr(tracking, writer)(), method)(*arguments)

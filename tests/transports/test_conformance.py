@@ -7,7 +7,6 @@ test; then what is particular to TLS.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import shutil
 import socket
@@ -27,8 +26,10 @@ from flare_agent_async.protocol import Heartbeat, Message, TaskAck
 from flare_agent_async.testing import (
     CHECKS,
     TransportCheckFailed,
+    TransportPairs,
     check_nobody_listening,
     check_transport,
+    transport_pairs,
 )
 from flare_agent_async.transports import (
     MemoryConnector,
@@ -37,8 +38,6 @@ from flare_agent_async.transports import (
     MessageStream,
     Scheme,
     TransportOptions,
-    connector_for,
-    create_listener,
     register_scheme,
 )
 
@@ -156,74 +155,15 @@ def transport(request: pytest.FixtureRequest) -> Transport:
     )
 
 
-# -- the harness: a listener serving in a task group ------------------------------------------
-
-
-class Harness:
-    """A listener on one transport; `connect` opens client ends, `accept` returns server ends."""
-
-    def __init__(self, transport: Transport, url: str) -> None:
-        self.transport = transport
-        self.url = url
-        self.streams: list[MessageStream] = []  # everything to close at the end
-        self.accepted_send, self._accepted = anyio.create_memory_object_stream[MessageStream](
-            math.inf
-        )
-
-    async def connect(self, **options: Any) -> MessageStream:
-        connector = connector_for(self.url, **(options or self.transport.connect_options))
-        with anyio.fail_after(10):
-            stream = await connector.connect()
-        self.streams.append(stream)
-        return stream
-
-    async def accept(self) -> MessageStream:
-        with anyio.fail_after(10):
-            return await self._accepted.receive()
-
-    def pending(self) -> int:
-        """Connections served but not taken by `accept` yet."""
-        return self._accepted.statistics().current_buffer_used
-
-    async def pair(self) -> tuple[MessageStream, MessageStream]:
-        client = await self.connect()
-        return client, await self.accept()
-
-    def close_queue(self) -> None:
-        self.accepted_send.close()
-        self._accepted.close()
-
-
 @pytest.fixture
-async def harness(transport: Transport, anyio_backend: str) -> AsyncIterator[Harness]:
-    listener = await create_listener(transport.listen_url, **transport.listen_options)
-    harness = Harness(transport, listener.url)
-    release = anyio.Event()
-
-    async def handler(stream: MessageStream) -> None:
-        # Kept alive until the test ends: a transport may close a stream when its handler returns.
-        harness.streams.append(stream)
-        harness.accepted_send.send_nowait(stream)
-        await release.wait()
-
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(listener.serve, handler, group)
-            try:
-                yield harness
-            finally:
-                release.set()
-                with anyio.fail_after(15, shield=True):
-                    for stream in harness.streams:
-                        await stream.aclose()
-                    await listener.aclose()
-    finally:
-        harness.close_queue()
-
-
-@pytest.fixture
-async def pair(harness: Harness) -> tuple[MessageStream, MessageStream]:
-    return await harness.pair()
+async def pairs(transport: Transport, anyio_backend: str) -> AsyncIterator[TransportPairs]:
+    """Connections to a listener on the transport, as plugin authors get them."""
+    async with transport_pairs(
+        transport.listen_url,
+        listen_ssl_context=transport.listen_options.get("ssl_context"),
+        connect_ssl_context=transport.connect_options.get("ssl_context"),
+    ) as pairs:
+        yield pairs
 
 
 # -- the conformance suite, every check on every transport --------------------------------------
@@ -297,33 +237,33 @@ async def test_a_transport_that_breaks_a_rule_fails_the_suite_saying_which(
 
 @pytest.mark.parametrize("transport", ["tls", "mtls"], indirect=True)
 async def test_a_client_that_does_not_trust_the_site_fails_at_the_handshake(
-    harness: Harness, pki: PKI
+    pairs: TransportPairs, transport: Transport, pki: PKI
 ) -> None:
     stranger = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     stranger.configure_trust(context)
-    if harness.transport.name == "mtls":
+    if transport.name == "mtls":
         pki.agent.configure_cert(context)
     with pytest.raises(TransportError, match=r"(?i)handshake.*certificate") as caught:
-        await harness.connect(ssl_context=context)
-    assert harness.url in str(caught.value)
+        await pairs.connect(ssl_context=context)
+    assert pairs.url in str(caught.value)
 
-    client, server = await harness.pair()  # the listener goes on serving
+    client, server = await pairs.pair()  # the listener goes on serving
     await client.send(Heartbeat())
     assert await server.receive() == Heartbeat()
-    assert harness.pending() == 0
+    assert pairs.pending() == 0
 
 
 @pytest.mark.parametrize("transport", ["mtls"], indirect=True)
 @pytest.mark.parametrize("credential", ["none", "untrusted"])
 async def test_mutual_tls_refuses_a_client_without_a_trusted_certificate(
-    harness: Harness, pki: PKI, credential: str
+    pairs: TransportPairs, pki: PKI, credential: str
 ) -> None:
     context = pki.agent_context()
     if credential == "untrusted":
         trustme.CA().issue_cert("agent-1.example").configure_cert(context)
     try:
-        stream = await harness.connect(ssl_context=context)
+        stream = await pairs.connect(ssl_context=context)
     except TransportError:
         pass  # refused during the handshake
     else:  # TLS 1.3: the site checks the client's certificate after the client is done
@@ -335,9 +275,9 @@ async def test_mutual_tls_refuses_a_client_without_a_trusted_certificate(
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 await stream.receive()
 
-    client, server = await harness.pair()  # the listener goes on serving good clients
+    client, server = await pairs.pair()  # the listener goes on serving good clients
     await server.send(Heartbeat())
     assert await client.receive() == Heartbeat()
     await client.send(TaskAck(task_id="t"))
     assert await server.receive() == TaskAck(task_id="t")
-    assert harness.pending() == 0  # the refused client never reached the handler
+    assert pairs.pending() == 0  # the refused client never reached the handler

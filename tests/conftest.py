@@ -128,8 +128,7 @@ class SiteThread:
         self.portal.call(lambda: self.site.wait_for_agent(agent_id, timeout=10))
 
     def wait_until_no_agent(self) -> None:
-        """The site closes its end of a connection in its own thread once it has read the
-        goodbye: wait for that (bounded polling across threads) before counting descriptors."""
+        """Wait (bounded polling across threads) until the site has let every agent go."""
         deadline = time.monotonic() + 10
         while self.portal.call(lambda: self.site.agents):
             assert time.monotonic() < deadline, "the site never saw the agent leave"

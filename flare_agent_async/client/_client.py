@@ -4,6 +4,7 @@ scripts, through anyio's portal (as `SyncFlareAgent`)."""
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import ssl
@@ -13,7 +14,15 @@ from typing import Any, Self
 
 import anyio
 
-from .._environment import ENV_AGENT_ID, ENV_JOB_ID, ENV_SECRET, ENV_SITE_NAME, ENV_URL
+from .._environment import (
+    CLIENT_SETTINGS,
+    ENV_AGENT_ID,
+    ENV_CLIENT_CONFIG,
+    ENV_JOB_ID,
+    ENV_SECRET,
+    ENV_SITE_NAME,
+    ENV_URL,
+)
 from .._portal import BACKENDS, PortalRunner
 from ..agent import AsyncFlareAgent
 from ..defs import RC, TaskResult
@@ -50,6 +59,32 @@ def _setting(value: str | None, variable: str, what: str) -> str:
     return found
 
 
+def _configured(arguments: dict[str, str | None]) -> dict[str, str]:
+    """Each setting from its argument, else from ``FLARE_AGENT_CLIENT_CONFIG``, else its default.
+
+    :raises ValueError: the variable is not a JSON object of known settings with str values.
+    """
+    found = os.environ.get(ENV_CLIENT_CONFIG)
+    configured: dict[str, Any] = {}
+    if found:
+        try:
+            configured = json.loads(found)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_CLIENT_CONFIG} is not JSON: {exc}") from exc
+        if not isinstance(configured, dict):
+            raise ValueError(f"{ENV_CLIENT_CONFIG} must be a JSON object, got {found!r}")
+        unknown = sorted(set(configured) - set(CLIENT_SETTINGS))
+        if unknown:
+            raise ValueError(f"{ENV_CLIENT_CONFIG} has unknown settings: {', '.join(unknown)}")
+        for name, value in configured.items():
+            if not isinstance(value, str):
+                raise ValueError(f"{ENV_CLIENT_CONFIG}: {name} must be a string, got {value!r}")
+    return {
+        name: given if (given := arguments[name]) is not None else configured.get(name, default)
+        for name, default in CLIENT_SETTINGS.items()
+    }
+
+
 class AsyncClient:
     """NVFlare's Client API for an async trainer, on asyncio or trio::
 
@@ -66,6 +101,10 @@ class AsyncClient:
     Only rank 0 (the ``rank`` argument, else ``RANK``, else 0) talks to the site; on other ranks
     `receive` returns None, `is_running` False and `send` sends nothing, as NVFlare's do.
 
+    The task names and the transfer type left unset come from ``FLARE_AGENT_CLIENT_CONFIG`` (a
+    JSON object; `AgentExecutor`'s ``client_config`` sets it), else from NVFlare's defaults
+    (``train``, ``validate``, ``submit_model``, ``FULL``).
+
     :param transfer_type: ``"DIFF"`` sends the change of full params since they were received.
     :param config: more entries for `get_config`.
     :raises ValueError: the site, site name or agent id is given nowhere; a bad option.
@@ -81,10 +120,10 @@ class AsyncClient:
         secret: bytes | str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         rank: str | int | None = None,
-        train_task_name: str = "train",
-        eval_task_name: str = "validate",
-        submit_model_task_name: str = "submit_model",
-        transfer_type: str = "FULL",
+        train_task_name: str | None = None,
+        eval_task_name: str | None = None,
+        submit_model_task_name: str | None = None,
+        transfer_type: str | None = None,
         config: dict[str, Any] | None = None,
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 60.0,
@@ -92,15 +131,20 @@ class AsyncClient:
     ) -> None:
         self.rank = _rank(rank)
         site_name = _setting(site_name, ENV_SITE_NAME, "site name")
+        settings = _configured(
+            {
+                "train_task_name": train_task_name,
+                "eval_task_name": eval_task_name,
+                "submit_model_task_name": submit_model_task_name,
+                "transfer_type": transfer_type,
+            }
+        )
         self._exchange = Exchange(
             ClientConfig(
                 site_name=site_name,
                 job_id=job_id if job_id is not None else os.environ.get(ENV_JOB_ID),
-                train_task_name=train_task_name,
-                eval_task_name=eval_task_name,
-                submit_model_task_name=submit_model_task_name,
-                transfer_type=transfer_type,
                 extra=dict(config or {}),
+                **settings,
             )
         )
         self._agent: AsyncFlareAgent | None = None

@@ -76,7 +76,9 @@ def model_from_task(task: Task, config: ClientConfig) -> FLModel:
     params_type: ParamsType | None = None
     params: Any = None
     metrics: Any = None
-    if data_kind == METRICS:
+    if MetaKey.SUBMIT_MODEL_NAME in meta:
+        pass  # cross-site evaluation asks for a model: the task brings none
+    elif data_kind == METRICS:
         metrics = task.data
     else:
         params = task.data

@@ -10,11 +10,14 @@ from ._convert import result_to_shareable, shareable_to_task
 from ._executor import AgentExecutor
 from ._ipc import IPCConnector
 from ._persistor import NpzModelPersistor
+from ._recipe import ExecutorOptions, use_agent_executor
 
 __all__ = [
     "AgentExecutor",
+    "ExecutorOptions",
     "IPCConnector",
     "NpzModelPersistor",
     "result_to_shareable",
     "shareable_to_task",
+    "use_agent_executor",
 ]

@@ -15,6 +15,10 @@ from ..defs import RC, MetaKey, TaskResult
 
 __all__ = ["BadShareable", "TaskInput", "result_to_shareable", "shareable_to_task"]
 
+_SUBMIT_MODEL_NAME = "submit_model_name"
+_VALIDATE_TYPE = "validate_type"
+"""The FLModel meta keys of NVFlare's Client API for these headers."""
+
 _FLARE_RCS = frozenset(
     value
     for name, value in vars(FlareRC).items()
@@ -39,15 +43,31 @@ class TaskInput:
 def shareable_to_task(shareable: Shareable) -> TaskInput:
     """The task data (the DXO's data), and meta: the DXO's meta, its data kind, and the rounds.
 
-    :raises BadShareable: the Shareable holds no DXO.
+    Cross-site evaluation's request for a trainer's model holds no DXO: its task has no data,
+    and the requested model's name in its meta (``submit_model_name``), as NVFlare's Client API
+    gives it. A validation task's type (``validate_type``) goes to the meta too.
+
+    :raises BadShareable: the Shareable holds no DXO, and is no request for a model.
     """
-    try:
-        dxo = from_shareable(shareable)
-    except Exception as exc:
-        raise BadShareable(f"the task holds no DXO: {exc}") from exc
-    meta = dict(dxo.meta or {})
-    # NVFlare's data kinds are str enums; the agent gets the plain string ("WEIGHTS").
-    meta[MetaKey.DATA_KIND] = str(getattr(dxo.data_kind, "value", dxo.data_kind))
+    meta: dict[str, Any] = {}
+    data: Any = None
+    app_defined = False
+    submit_model_name = shareable.get_header(AppConstants.SUBMIT_MODEL_NAME)
+    if submit_model_name:
+        meta[_SUBMIT_MODEL_NAME] = submit_model_name
+    else:
+        try:
+            dxo = from_shareable(shareable)
+        except Exception as exc:
+            raise BadShareable(f"the task holds no DXO: {exc}") from exc
+        meta.update(dxo.meta or {})
+        # NVFlare's data kinds are str enums; the agent gets the plain string ("WEIGHTS").
+        meta[MetaKey.DATA_KIND] = str(getattr(dxo.data_kind, "value", dxo.data_kind))
+        data = dxo.data if dxo.data is not None else {}
+        app_defined = dxo.data_kind == DataKind.APP_DEFINED
+    validate_type = shareable.get_header(AppConstants.VALIDATE_TYPE, None)
+    if validate_type is not None:
+        meta[_VALIDATE_TYPE] = validate_type
     current_round = shareable.get_header(AppConstants.CURRENT_ROUND, None)
     total_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, None)
     if current_round is not None:
@@ -55,8 +75,7 @@ def shareable_to_task(shareable: Shareable) -> TaskInput:
     if total_rounds is not None:
         meta[MetaKey.TOTAL_ROUND] = total_rounds
     task_id = shareable.get_header(FLContextKey.TASK_ID) or uuid.uuid4().hex
-    data = dxo.data if dxo.data is not None else {}
-    return TaskInput(str(task_id), data, meta, dxo.data_kind == DataKind.APP_DEFINED)
+    return TaskInput(str(task_id), data, meta, app_defined)
 
 
 def result_to_shareable(result: TaskResult, app_defined: bool = False) -> Shareable:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import shlex
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -32,7 +34,14 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 
-from .._environment import ENV_AGENT_ID, ENV_JOB_ID, ENV_SITE_NAME, ENV_URL
+from .._environment import (
+    CLIENT_SETTINGS,
+    ENV_AGENT_ID,
+    ENV_CLIENT_CONFIG,
+    ENV_JOB_ID,
+    ENV_SITE_NAME,
+    ENV_URL,
+)
 from .._validate import as_secret
 from ..defs import TaskResult
 from ..exceptions import SiteError, TaskAborted
@@ -83,9 +92,11 @@ class AgentExecutor(Executor):  # type: ignore[misc]
     With ``launch``, the executor starts the trainer itself, after the site listens, and stops it
     at the end of the run (it has ``launch_stop_timeout`` seconds to leave after the goodbye; then
     its process group is terminated, and killed if need be). The command may use ``{url}``,
-    ``{site_name}``, ``{agent_id}``, ``{job_id}`` and ``{app_dir}``; it runs in the app's
+    ``{site_name}``, ``{agent_id}``, ``{job_id}``, ``{app_dir}`` and ``{python}`` (the Python that
+    runs the client job, where NVFlare and this library are installed); it runs in the app's
     directory with the same values in the environment (``FLARE_AGENT_URL``,
-    ``FLARE_AGENT_SITE_NAME``, ``FLARE_AGENT_ID``, ``FLARE_AGENT_JOB_ID``).
+    ``FLARE_AGENT_SITE_NAME``, ``FLARE_AGENT_ID``, ``FLARE_AGENT_JOB_ID``), and ``client_config``
+    in ``FLARE_AGENT_CLIENT_CONFIG``.
 
     Every argument is JSON-friendly, for a job's config.
 
@@ -108,6 +119,9 @@ class AgentExecutor(Executor):  # type: ignore[misc]
     :param tls_client_ca: for mutual TLS, the CA that agents' certificates must be signed by.
     :param abort_check_interval: how often a running task looks at NVFlare's abort signal.
     :param backend: the event loop of the site: ``"asyncio"`` or ``"trio"``.
+    :param client_config: settings for a launched Client API trainer (``train_task_name``,
+        ``eval_task_name``, ``submit_model_task_name``, ``transfer_type``), where its own
+        arguments leave them unset.
     """
 
     def __init__(
@@ -128,6 +142,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         tls_client_ca: str | None = None,
         abort_check_interval: float = 0.1,
         backend: str = "asyncio",
+        client_config: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if agent_id is not None and (not isinstance(agent_id, str) or not agent_id):
@@ -151,11 +166,18 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             raise ValueError(f"task_timeout must be positive or None, got {task_timeout!r}")
         if backend not in ("asyncio", "trio"):
             raise ValueError(f"backend must be 'asyncio' or 'trio', got {backend!r}")
+        if client_config is not None:
+            unknown = sorted(set(client_config) - set(CLIENT_SETTINGS))
+            if unknown:
+                raise ValueError(f"client_config has unknown settings: {', '.join(unknown)}")
+            if not all(isinstance(value, str) for value in client_config.values()):
+                raise ValueError(f"client_config values must be strings, got {client_config!r}")
         self.agent_id = agent_id
         self.listen_url = listen_url
         self.url_file = url_file
         self.launch = launch
         self.launch_stop_timeout = float(launch_stop_timeout)
+        self.client_config = client_config
         self.agent_connect_timeout = float(agent_connect_timeout)
         self.task_timeout = task_timeout
         self.heartbeat_interval = heartbeat_interval
@@ -314,6 +336,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             "agent_id": self.agent_id,
             "job_id": job_id,
             "app_dir": app_dir,
+            "python": sys.executable,
         }
         command = [part.format(**values) for part in shlex.split(self.launch)]
         env = dict(os.environ)
@@ -325,6 +348,8 @@ class AgentExecutor(Executor):  # type: ignore[misc]
                 ENV_JOB_ID: job_id,
             }
         )
+        if self.client_config:
+            env[ENV_CLIENT_CONFIG] = json.dumps(self.client_config)
         self._trainer_exit = anyio.Event()
         self.logger.info(f"launching the trainer: {command}")
         return await anyio.open_process(

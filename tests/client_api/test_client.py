@@ -179,6 +179,34 @@ def test_settings_come_from_the_arguments_or_the_environment(
         AsyncClient(colour="blue")  # type: ignore[call-arg]
 
 
+def test_task_names_and_transfer_type_left_unset_come_from_the_executors_client_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RANK", "1")  # no agent: only the settings are read
+    monkeypatch.setenv("FLARE_AGENT_SITE_NAME", "site-9")
+    monkeypatch.setenv(
+        "FLARE_AGENT_CLIENT_CONFIG", '{"transfer_type": "DIFF", "train_task_name": "fit"}'
+    )
+    exchange = AsyncClient().get_config()["TASK_EXCHANGE"]
+    assert exchange == {
+        "train_task_name": "fit",
+        "eval_task_name": "validate",
+        "submit_model_task_name": "submit_model",
+        "transfer_type": "DIFF",
+    }
+    given = AsyncClient(transfer_type="FULL").get_config()
+    assert given["TASK_EXCHANGE"]["transfer_type"] == "FULL"
+    for bad, message in (
+        ("{", "is not JSON"),
+        ("[1]", "must be a JSON object"),
+        ('{"colour": "blue"}', "unknown settings: colour"),
+        ('{"transfer_type": 1}', "transfer_type must be a string"),
+    ):
+        monkeypatch.setenv("FLARE_AGENT_CLIENT_CONFIG", bad)
+        with pytest.raises(ValueError, match=message):
+            AsyncClient()
+
+
 # -- the blocking Client and the module functions ---------------------------------------------
 
 

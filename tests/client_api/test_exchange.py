@@ -123,6 +123,7 @@ def test_diff_transfer_sends_the_change_of_full_params() -> None:
 def test_a_task_from_nvflare_is_the_model_nvflares_client_api_receives() -> None:
     pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
     from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.shareable import Shareable
     from nvflare.app_common.app_constant import AppConstants
     from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
@@ -148,6 +149,16 @@ def test_a_task_from_nvflare_is_the_model_nvflares_client_api_receives() -> None
             theirs.total_rounds,
         )
         assert ours.meta == {**theirs.meta, "job_id": "job-1", "site_name": "site-1"}
+    # cross-site evaluation's request for the trainer's model holds no DXO
+    request = Shareable()
+    request.set_header(AppConstants.SUBMIT_MODEL_NAME, "best")
+    request.set_header(AppConstants.VALIDATE_TYPE, "model_validation")
+    theirs = FLModelUtils.from_shareable(request)
+    sent = shareable_to_task(request)
+    ours = model_from_task(Task("submit_model", sent.task_id, sent.meta, sent.data), CONFIG)
+    assert (ours.params, ours.params_type, ours.metrics) == (None, None, None)
+    assert (theirs.params, theirs.params_type, theirs.metrics) == (None, None, None)
+    assert ours.meta == {**theirs.meta, "job_id": "job-1", "site_name": "site-1"}
 
 
 def test_a_result_reaches_nvflare_as_nvflares_client_api_sends_it() -> None:

@@ -274,6 +274,10 @@ def test_results_convert_to_shareables(
 
 
 def test_bad_executor_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="client_config has unknown settings: colour"):
+        AgentExecutor(client_config={"colour": "blue"})
+    with pytest.raises(ValueError, match="client_config values must be strings"):
+        AgentExecutor(client_config={"transfer_type": 1})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="listen_url"):
         AgentExecutor(listen_url="127.0.0.1:0")
     with pytest.raises(ValueError, match="tls_certfile"):

@@ -28,12 +28,14 @@ ENV_SECRET = "FLARE_AGENT_SECRET"
 """A secret shared with the site, when it requires one."""
 ENV_CLIENT_CONFIG = "FLARE_AGENT_CLIENT_CONFIG"
 """Settings for a Client API trainer, as a JSON object: ``train_task_name``, ``eval_task_name``,
-``submit_model_task_name``, ``transfer_type``; what the trainer's own arguments leave unset."""
+``submit_model_task_name``, ``transfer_type``, ``params_exchange_format``; what the trainer's own
+arguments leave unset."""
 
 CLIENT_SETTINGS = {
     "train_task_name": "train",
     "eval_task_name": "validate",
     "submit_model_task_name": "submit_model",
     "transfer_type": "FULL",
+    "params_exchange_format": "raw",
 }
 """The settings ``FLARE_AGENT_CLIENT_CONFIG`` may give, with their defaults (NVFlare's)."""

@@ -101,11 +101,14 @@ class AsyncClient:
     Only rank 0 (the ``rank`` argument, else ``RANK``, else 0) talks to the site; on other ranks
     `receive` returns None, `is_running` False and `send` sends nothing, as NVFlare's do.
 
-    The task names and the transfer type left unset come from ``FLARE_AGENT_CLIENT_CONFIG`` (a
-    JSON object; `AgentExecutor`'s ``client_config`` sets it), else from NVFlare's defaults
-    (``train``, ``validate``, ``submit_model``, ``FULL``).
+    The task names, transfer type and exchange format left unset come from
+    ``FLARE_AGENT_CLIENT_CONFIG`` (a JSON object; `AgentExecutor`'s ``client_config`` sets it),
+    else from NVFlare's defaults (``train``, ``validate``, ``submit_model``, ``FULL``, ``raw``).
 
     :param transfer_type: ``"DIFF"`` sends the change of full params since they were received.
+    :param params_exchange_format: ``"pytorch"``: received arrays are torch tensors (sharing
+        their memory), and tensors sent go as numpy arrays, as NVFlare's PyTorch exchange does;
+        ``"raw"`` or ``"numpy"``: params go as they are.
     :param config: more entries for `get_config`.
     :raises ValueError: the site, site name or agent id is given nowhere; a bad option.
     """
@@ -124,6 +127,7 @@ class AsyncClient:
         eval_task_name: str | None = None,
         submit_model_task_name: str | None = None,
         transfer_type: str | None = None,
+        params_exchange_format: str | None = None,
         config: dict[str, Any] | None = None,
         connect_timeout: float = 30.0,
         reconnect_timeout: float = 60.0,
@@ -137,6 +141,7 @@ class AsyncClient:
                 "eval_task_name": eval_task_name,
                 "submit_model_task_name": submit_model_task_name,
                 "transfer_type": transfer_type,
+                "params_exchange_format": params_exchange_format,
             }
         )
         self._exchange = Exchange(

@@ -17,8 +17,11 @@ drive it, each over its agent.
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ..defs import MetaKey as TaskMetaKey
 from ..defs import Task, TaskResult
@@ -29,6 +32,7 @@ __all__ = ["ClientConfig", "Exchange", "model_from_task", "params_diff", "result
 WEIGHTS, WEIGHT_DIFF, METRICS = "WEIGHTS", "WEIGHT_DIFF", "METRICS"
 _DATA_KIND_OF = {ParamsType.FULL: WEIGHTS, ParamsType.DIFF: WEIGHT_DIFF}
 _PARAMS_TYPE_OF = {WEIGHTS: ParamsType.FULL, WEIGHT_DIFF: ParamsType.DIFF}
+_EXCHANGE_FORMATS = ("raw", "numpy", "pytorch")
 _TASK_KEYS = (TaskMetaKey.DATA_KIND, TaskMetaKey.CURRENT_ROUND, TaskMetaKey.TOTAL_ROUND)
 """Keys the site adds to a task's meta; the model's meta is the rest."""
 
@@ -44,12 +48,19 @@ class ClientConfig:
     submit_model_task_name: str = "submit_model"
     transfer_type: str = "FULL"
     """``"DIFF"``: `send` sends the change of full params since they were received."""
+    params_exchange_format: str = "raw"
+    """``"pytorch"``: the trainer gets and gives torch tensors; the wire carries numpy arrays."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else, returned by ``get_config()``."""
 
     def __post_init__(self) -> None:
         if self.transfer_type not in ("FULL", "DIFF"):
             raise ValueError(f"transfer_type must be 'FULL' or 'DIFF', got {self.transfer_type!r}")
+        if self.params_exchange_format not in _EXCHANGE_FORMATS:
+            raise ValueError(
+                f"params_exchange_format must be one of {', '.join(_EXCHANGE_FORMATS)}, "
+                f"got {self.params_exchange_format!r}"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         """The configuration as ``get_config()`` returns it."""
@@ -62,6 +73,7 @@ class ClientConfig:
                 "eval_task_name": self.eval_task_name,
                 "submit_model_task_name": self.submit_model_task_name,
                 "transfer_type": self.transfer_type,
+                "exchange_format": self.params_exchange_format,
             },
         }
 
@@ -147,6 +159,32 @@ def params_diff(original: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]
     return diff
 
 
+def _as_tensors(params: Any) -> Any:
+    """A dict's numpy arrays as torch tensors that share their memory (no copy)."""
+    if not isinstance(params, dict):
+        return params
+    torch = importlib.import_module("torch")
+    return {
+        key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        for key, value in params.items()
+    }
+
+
+def _as_arrays(params: Any) -> Any:
+    """A dict's torch tensors as numpy arrays: the same memory for a CPU tensor; a tensor on
+    another device is copied to the host, as it must be to leave the process."""
+    if not isinstance(params, dict):
+        return params
+    return {
+        key: value.detach().cpu().numpy() if _is_tensor(value) else value
+        for key, value in params.items()
+    }
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach")
+
+
 class Exchange:
     """One trainer's Client API state: the task it holds, the model it was given.
 
@@ -171,8 +209,11 @@ class Exchange:
 
         :raises ValueError: the task cannot be read as a model (see `model_from_task`).
         """
-        self.task, self.model, self.sent = task, model_from_task(task, self.config), False
-        return self.model
+        model = model_from_task(task, self.config)
+        if self.config.params_exchange_format == "pytorch":
+            model.params = _as_tensors(model.params)
+        self.task, self.model, self.sent = task, model, False
+        return model
 
     def result(self, model: object) -> TaskResult:
         """The result to submit for the held task.
@@ -200,6 +241,9 @@ class Exchange:
                 raise RuntimeError(f"params diff function failed: {exc}") from exc
             model = copy.copy(model)  # a shallow copy: the sender's model keeps its full params
             model.params, model.params_type = diff, ParamsType.DIFF
+        if self.config.params_exchange_format == "pytorch":
+            model = copy.copy(model)
+            model.params = _as_arrays(model.params)
         return result_from_model(model)
 
     def sent_result(self, model: object, *, clear_cache: bool) -> None:

@@ -26,6 +26,7 @@ _PACKAGE = "flare_agent_async"
 _PYTHONS = ("python", "python3")
 """Interpreters named without a path: the launched trainer gets the client job's own Python."""
 _FROM_THE_RECIPE = ("launch", "client_config")
+_EXCHANGE_FORMATS = ("raw", "numpy", "pytorch")
 
 
 class ExecutorOptions(TypedDict, total=False):
@@ -67,7 +68,8 @@ def use_agent_executor(recipe: R, **options: Unpack[ExecutorOptions]) -> R:
     :raises TypeError: ``recipe`` is not an NVFlare recipe; an option is unknown or comes from
         the recipe.
     :raises ValueError: an option's value is bad; the recipe has no script runner, or one this
-        cannot convert (attach mode, ``launch_once=False``). The recipe is unchanged then.
+        cannot convert (attach mode, ``launch_once=False``, TensorFlow's exchange format). The
+        recipe is unchanged then.
     """
     taken = sorted(set(options) & set(_FROM_THE_RECIPE))
     if taken:
@@ -133,14 +135,25 @@ def _agent_executor(runner: ClientAPIExecutor, options: ExecutorOptions) -> Agen
     parts = [shlex.quote(part.replace("{", "{{").replace("}", "}}")) for part in argv]
     if parts and argv[0] in _PYTHONS:
         parts[0] = "{python}"
-    transfer_type = settings["_params_transfer_type"]
+    exchange_format = _value(settings["_params_exchange_format"])
+    if exchange_format not in _EXCHANGE_FORMATS:
+        raise ValueError(
+            f"cannot convert a script runner with the {exchange_format!r} exchange format: the "
+            f"Client API here exchanges {', '.join(_EXCHANGE_FORMATS)}"
+        )
     return AgentExecutor(
         launch=" ".join(parts),
         client_config={
             "train_task_name": settings["_train_task_name"],
             "eval_task_name": settings["_evaluate_task_name"],
             "submit_model_task_name": settings["_submit_model_task_name"],
-            "transfer_type": getattr(transfer_type, "value", str(transfer_type)),
+            "transfer_type": _value(settings["_params_transfer_type"]),
+            "params_exchange_format": exchange_format,
         },
         **options,
     )
+
+
+def _value(setting: Any) -> str:
+    """An NVFlare setting's plain string: its enums are str enums."""
+    return str(getattr(setting, "value", setting))

@@ -193,6 +193,7 @@ def test_task_names_and_transfer_type_left_unset_come_from_the_executors_client_
         "eval_task_name": "validate",
         "submit_model_task_name": "submit_model",
         "transfer_type": "DIFF",
+        "exchange_format": "raw",
     }
     given = AsyncClient(transfer_type="FULL").get_config()
     assert given["TASK_EXCHANGE"]["transfer_type"] == "FULL"

@@ -120,6 +120,34 @@ def test_diff_transfer_sends_the_change_of_full_params() -> None:
         ClientConfig(site_name="s", transfer_type="HALF")
 
 
+@pytest.mark.parametrize("transfer_type", ["FULL", "DIFF"])
+def test_with_the_pytorch_exchange_format_the_trainer_sees_tensors_and_the_wire_arrays(
+    transfer_type: str,
+) -> None:
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[torch]'")
+    weights = {"w": np.arange(3.0), "step": 7}
+    exchange = Exchange(
+        ClientConfig(
+            site_name="site-1", params_exchange_format="pytorch", transfer_type=transfer_type
+        )
+    )
+    model = exchange.take(task(weights))
+    received = model.params["w"]
+    assert isinstance(received, torch.Tensor) and model.params["step"] == 7
+    assert received.data_ptr() == weights["w"].ctypes.data  # the same memory, no copy
+    trained = {"w": received + 1.0}
+    result = exchange.result(FLModel(params=trained))
+    assert isinstance(result.data["w"], np.ndarray)
+    expected = np.ones(3) if transfer_type == "DIFF" else np.arange(3.0) + 1.0
+    np.testing.assert_array_equal(result.data["w"], expected)
+    assert isinstance(trained["w"], torch.Tensor)  # the trainer's own model is left as it was
+
+
+def test_an_unknown_exchange_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="params_exchange_format must be one of raw, numpy"):
+        ClientConfig(site_name="site-1", params_exchange_format="keras_layer_weights")
+
+
 def test_a_task_from_nvflare_is_the_model_nvflares_client_api_receives() -> None:
     pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
     from nvflare.apis.dxo import DXO, DataKind

@@ -88,18 +88,19 @@ RUN_TIMEOUT = 150.0
 
 
 def our_script(script: str) -> str:
-    """The script with its import lines changed, and nothing else."""
+    """The script with its imports of NVFlare's Client API changed, and nothing else."""
     ours = script
+    expected = []
     for theirs, mine in CHANGED_IMPORTS.items():
-        ours = ours.replace(theirs, mine)
+        if theirs in script.splitlines():
+            ours = ours.replace(theirs, mine)
+            expected += [f"-{theirs}", f"+{mine}"]
     changed = [
         line
         for line in difflib.unified_diff(script.splitlines(), ours.splitlines(), lineterm="", n=0)
         if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))
     ]
-    assert sorted(changed) == sorted(
-        [f"-{line}" for line in CHANGED_IMPORTS] + [f"+{line}" for line in CHANGED_IMPORTS.values()]
-    )
+    assert expected and sorted(changed) == sorted(expected)
     return ours
 
 
@@ -110,6 +111,7 @@ def run_both(
     imports: str = "",
     more: str = "",
     files: dict[str, str] | None = None,
+    script: str = SCRIPT,
 ) -> dict[str, Path]:
     """The recipe's job as NVFlare builds it and with ``use_agent_executor(recipe)``, both in
     the simulator at once, each in its own process group; their workspaces, by variant."""
@@ -117,7 +119,7 @@ def run_both(
     for variant in ("nvflare", "ours"):
         folder = tmp_path / variant
         folder.mkdir()
-        (folder / "client.py").write_text(SCRIPT if variant == "nvflare" else our_script(SCRIPT))
+        (folder / "client.py").write_text(script if variant == "nvflare" else our_script(script))
         for name, text in (files or {}).items():
             (folder / name).write_text(text)
         job = JOB.format(
@@ -289,6 +291,63 @@ def test_cross_site_eval_recipe_runs_on_agent_executor(tmp_path: Path) -> None:
     assert results["ours"]["site-1"]["site-2"] == {"accuracy": 2.0}
 
 
+TORCH_NET = """\
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+        with torch.no_grad():  # the same initial model in every process
+            self.fc.weight.copy_(torch.arange(6.0).reshape(2, 3))
+            self.fc.bias.zero_()
+"""
+
+TORCH_SCRIPT = """\
+import torch
+
+import nvflare.client as flare
+from net import Net
+
+
+def main():
+    flare.init()
+    net = Net()
+    while flare.is_running():
+        model = flare.receive()
+        net.load_state_dict(model.params)
+        with torch.no_grad():
+            for parameter in net.parameters():
+                parameter.add_(1.0)
+        flare.send(flare.FLModel(params=net.state_dict(), meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_pytorch_fedavg_recipe_runs_on_agent_executor(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[torch]'")
+    workspaces = run_both(
+        tmp_path,
+        "FedAvgRecipe(name='pt', min_clients=2, num_rounds=2, model=Net(), "
+        "train_script='client.py')",
+        imports=("from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe\nfrom net import Net"),
+        files={"net.py": TORCH_NET},
+        script=TORCH_SCRIPT,
+    )
+    initial = {"fc.weight": np.arange(6.0).reshape(2, 3), "fc.bias": np.zeros(2)}
+    found = {}
+    for variant, workspace in workspaces.items():
+        (path,) = workspace.rglob("FL_global_model.pt")
+        found[variant] = torch.load(path, weights_only=True)["model"]
+    for name, value in initial.items():
+        np.testing.assert_allclose(np.asarray(found["ours"][name]), value + 2.0, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(found["ours"][name]), found["nvflare"][name])
+
+
 # -- the conversion, without a simulator ----------------------------------------------------------
 
 
@@ -323,6 +382,7 @@ def test_every_script_runner_becomes_an_agent_executor_with_its_script_and_setti
         "eval_task_name": "validate",
         "submit_model_task_name": "submit_model",
         "transfer_type": "DIFF",
+        "params_exchange_format": "numpy",
     }
     assert "flare_agent_async" in recipe._job.job.app_packages
 

@@ -59,7 +59,10 @@ PUBLIC_MODULES = [
     "flare_agent_async.protocol",
     "flare_agent_async.client",
     "flare_agent_async.nvflare",  # with the nvflare extra
+    "flare_agent_async.client.lightning",  # with the torch extra
 ]
+OPTIONAL = {"nvflare", "lightning"}
+"""Extras whose modules the reference documents, skipped where they are not installed."""
 FENCE = re.compile(r"^```(\w*)(.*?)\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
 TITLE = re.compile(r'title="([^"]+)"')
 
@@ -201,7 +204,7 @@ def test_python_snippets_compile_and_import_what_exists(page: Path) -> None:
                 try:
                     module = importlib.import_module(node.module or "")
                 except ModuleNotFoundError as exc:
-                    if (exc.name or "").split(".")[0] == "nvflare":
+                    if (exc.name or "").split(".")[0] in OPTIONAL:
                         continue  # an optional extra that is not installed
                     raise
                 for alias in node.names:
@@ -220,7 +223,7 @@ def documented_objects() -> list[object]:
             try:
                 module = importlib.import_module(target)
             except ModuleNotFoundError as exc:
-                if (exc.name or "").split(".")[0] == "nvflare":
+                if (exc.name or "").split(".")[0] in OPTIONAL:
                     continue  # an optional extra that is not installed
                 module_name, _, name = target.rpartition(".")
                 objects.append(getattr(importlib.import_module(module_name), name))
@@ -234,6 +237,8 @@ def documented_objects() -> list[object]:
 def test_every_public_name_is_in_the_reference(module_name: str) -> None:
     if module_name == "flare_agent_async.nvflare":
         pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
+    if module_name == "flare_agent_async.client.lightning":
+        pytest.importorskip("lightning", reason="needs lightning: pip install -e '.[torch]'")
     documented = documented_objects()
     module = importlib.import_module(module_name)
     missing = [

@@ -21,9 +21,10 @@ import logging
 import threading
 from typing import Any
 
-from ._client import AsyncClient, Client
+from ._client import AsyncClient, Client, RankFailed
 from ._exchange import ClientConfig, model_from_task, params_diff, result_from_model
 from ._model import FLModel, FLModelConst, MetaKey, ParamsType, as_fl_model
+from ._ranks import resolve_rank
 
 __all__ = [
     "AsyncClient",
@@ -33,6 +34,7 @@ __all__ = [
     "FLModelConst",
     "MetaKey",
     "ParamsType",
+    "RankFailed",
     "as_fl_model",
     "clear",
     "get_config",
@@ -40,6 +42,7 @@ __all__ = [
     "get_site_name",
     "get_task_name",
     "init",
+    "is_aborted",
     "is_evaluate",
     "is_running",
     "is_submit_model",
@@ -48,6 +51,7 @@ __all__ = [
     "model_from_task",
     "params_diff",
     "receive",
+    "resolve_rank",
     "result_from_model",
     "send",
     "shutdown",
@@ -109,6 +113,11 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
 def is_running() -> bool:
     """Whether the job goes on (waits for the next task); see `AsyncClient.is_running`."""
     return _current().is_running()
+
+
+def is_aborted() -> bool:
+    """Whether the site aborted the task held; see `Client.is_aborted`."""
+    return _current().is_aborted()
 
 
 def is_train() -> bool:

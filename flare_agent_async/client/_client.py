@@ -29,23 +29,12 @@ from ..defs import RC, TaskResult
 from ..exceptions import AgentClosed
 from ..transports import Connector
 from ._exchange import ClientConfig, Exchange
-from ._model import FLModel
+from ._model import FLModel, ParamsType
+from ._ranks import Collective, resolve_rank
 
 __all__ = ["AsyncClient", "Client"]
 
 logger = logging.getLogger("flare_agent_async.client")
-
-
-def _rank(rank: str | int | None) -> str:
-    """The process's rank as NVFlare's Client API takes it: the argument, else ``RANK``, else 0.
-
-    :raises ValueError: the rank is neither an int nor a str.
-    """
-    if rank is None:
-        return os.environ.get("RANK", "0")
-    if isinstance(rank, bool) or not isinstance(rank, int | str):
-        raise ValueError(f"rank must be a string or an integer but got {type(rank)}")
-    return str(rank)
 
 
 def _setting(value: str | None, variable: str, what: str) -> str:
@@ -99,7 +88,9 @@ class AsyncClient:
     ``FLARE_AGENT_ID``, ``FLARE_AGENT_JOB_ID``, ``FLARE_AGENT_SECRET``).
 
     Only rank 0 (the ``rank`` argument, else ``RANK``, else 0) talks to the site; on other ranks
-    `receive` returns None, `is_running` False and `send` sends nothing, as NVFlare's do.
+    `receive` returns None, `is_running` False and `send` sends nothing, as NVFlare's do. (The
+    blocking `Client` does better where ``torch.distributed`` is initialised: every rank gets
+    rank 0's answers.)
 
     The task names, transfer type and exchange format left unset come from
     ``FLARE_AGENT_CLIENT_CONFIG`` (a JSON object; `AgentExecutor`'s ``client_config`` sets it),
@@ -133,7 +124,7 @@ class AsyncClient:
         reconnect_timeout: float = 60.0,
         close_timeout: float = 10.0,
     ) -> None:
-        self.rank = _rank(rank)
+        self.rank = resolve_rank(rank)
         site_name = _setting(site_name, ENV_SITE_NAME, "site name")
         settings = _configured(
             {
@@ -271,6 +262,12 @@ class AsyncClient:
         """Let go of the task held, unanswered; the next `receive` waits for the next task."""
         self._exchange.clear()
 
+    def is_aborted(self) -> bool:
+        """Whether the site aborted the task held: stop working on it (its result would not be
+        kept); the next `receive` waits for the next task. False on ranks other than 0."""
+        task = self._exchange.task
+        return task is not None and task.aborted
+
     def get_task_name(self) -> str:
         """The name of the task held.
 
@@ -318,6 +315,13 @@ class Client:
     of its own (anyio's portal, as `SyncFlareAgent`). Start it with `start` (``init()`` does)
     and end it with `shutdown`.
 
+    In a trainer of many processes with ``torch.distributed`` initialised (torchrun, DDP,
+    Lightning), every rank calls the same methods in the same order, and `receive`,
+    `is_running`, `send` and `is_aborted` are collectives: rank 0 asks the site and every rank
+    gets its answer (the same model, the same end of the job, the same abort, rank 0's error
+    raised as a `RankFailed`); the task's name and kind are known on every rank. Without a
+    process group, ranks other than 0 get None and False, as NVFlare's.
+
     Takes `AsyncClient`'s arguments, plus ``backend`` (``"asyncio"``, ``"trio"``,
     ``"uvloop"``).
     """
@@ -328,6 +332,9 @@ class Client:
         self._client = AsyncClient(*args, **options)
         self._runner = PortalRunner(self._client, backend, name=f"flare-client-{self._client.rank}")
         self._started = False
+        self._shared: FLModel | None = None  # rank 0: the model every rank has
+        self._held: FLModel | None = None  # other ranks: rank 0's model, and its task's name
+        self._task_name: str | None = None
 
     @property
     def rank(self) -> str:
@@ -342,16 +349,66 @@ class Client:
         weakref.finalize(self, self._runner.close)
 
     def receive(self, timeout: float | None = None) -> FLModel | None:
-        """See `AsyncClient.receive`."""
-        return self._runner.call(self._client.receive, timeout)
+        """See `AsyncClient.receive`; a collective in a process group."""
+        collective = Collective.current()
+        if collective is None:
+            return self._runner.call(self._client.receive, timeout)
+        if collective.rank != 0:
+            shared = _raised(collective.share(), "receive")
+            if "model" in shared:
+                self._held, self._task_name = _model_of(shared["model"]), shared["task_name"]
+            elif "held" not in shared:
+                self._held = self._task_name = None
+            return self._held
+        try:
+            model = self._runner.call(self._client.receive, timeout)
+        except Exception as exc:
+            collective.share(_failure(exc))
+            raise
+        if model is None:
+            collective.share({})
+        elif model is self._shared:
+            collective.share({"held": True})
+        else:
+            collective.share({"model": _fields(model), "task_name": self._client.get_task_name()})
+        self._shared = model
+        return model
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
-        """See `AsyncClient.send`."""
-        self._runner.call(self._client.send, model, clear_cache)
+        """See `AsyncClient.send`; a collective in a process group, where ranks other than 0
+        send nothing and return when rank 0's result went (or raise its error)."""
+        collective = Collective.current()
+        if collective is not None and collective.rank != 0:
+            _raised(collective.share(), "send")
+            if clear_cache:
+                self._held = self._task_name = None
+            return
+        try:
+            self._runner.call(self._client.send, model, clear_cache)
+        except Exception as exc:
+            if collective is not None:
+                collective.share(_failure(exc))
+            raise
+        if collective is not None:
+            collective.share({})
+        if clear_cache:
+            self._shared = None
 
     def is_running(self) -> bool:
-        """See `AsyncClient.is_running`."""
-        return self._runner.call(self._client.is_running)
+        """See `AsyncClient.is_running`; a collective in a process group."""
+        return self.receive() is not None
+
+    def is_aborted(self) -> bool:
+        """See `AsyncClient.is_aborted`; a collective in a process group, so that every rank
+        sees an abort at the same step and they stop together."""
+        collective = Collective.current()
+        if collective is None:
+            return self._runner.call_sync(self._client.is_aborted)
+        if collective.rank != 0:
+            return bool(collective.share()["aborted"])
+        aborted = self._runner.call_sync(self._client.is_aborted)
+        collective.share({"aborted": aborted})
+        return aborted
 
     def log(self, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
         """See `AsyncClient.log`."""
@@ -368,23 +425,28 @@ class Client:
 
     def clear(self) -> None:
         """See `AsyncClient.clear`."""
+        self._held = self._task_name = self._shared = None
         self._runner.call_sync(self._client.clear)
 
     def get_task_name(self) -> str:
-        """See `AsyncClient.get_task_name`."""
+        """See `AsyncClient.get_task_name`; on every rank in a process group."""
+        if self.rank != "0" and Collective.current() is not None:
+            if self._task_name is None:
+                raise RuntimeError("no task was received: call receive() first")
+            return self._task_name
         return self._runner.call_sync(self._client.get_task_name)
 
     def is_train(self) -> bool:
         """See `AsyncClient.is_train`."""
-        return self._runner.call_sync(self._client.is_train)
+        return self.get_task_name() == self._client._exchange.config.train_task_name
 
     def is_evaluate(self) -> bool:
         """See `AsyncClient.is_evaluate`."""
-        return self._runner.call_sync(self._client.is_evaluate)
+        return self.get_task_name() == self._client._exchange.config.eval_task_name
 
     def is_submit_model(self) -> bool:
         """See `AsyncClient.is_submit_model`."""
-        return self._runner.call_sync(self._client.is_submit_model)
+        return self.get_task_name() == self._client._exchange.config.submit_model_task_name
 
     def get_job_id(self) -> str:
         """See `AsyncClient.get_job_id`."""
@@ -401,3 +463,35 @@ class Client:
     def get_config(self) -> dict[str, Any]:
         """See `AsyncClient.get_config`."""
         return self._client.get_config()
+
+
+class RankFailed(RuntimeError):
+    """Rank 0 failed in a call every rank made together; its error, on another rank."""
+
+
+def _failure(exc: Exception) -> dict[str, Any]:
+    return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _raised(shared: dict[str, Any], what: str) -> dict[str, Any]:
+    """Rank 0's answer; its error raised here."""
+    error = shared.get("error")
+    if error is not None:
+        raise RankFailed(f"rank 0 failed in {what}(): {error}")
+    return shared
+
+
+def _fields(model: FLModel) -> dict[str, Any]:
+    params_type = model.params_type
+    return {
+        "params": model.params,
+        "params_type": None if params_type is None else ParamsType(params_type).value,
+        "metrics": model.metrics,
+        "current_round": model.current_round,
+        "total_rounds": model.total_rounds,
+        "meta": model.meta,
+    }
+
+
+def _model_of(fields: dict[str, Any]) -> FLModel:
+    return FLModel(**fields)

@@ -37,7 +37,14 @@ from ._messages import (
     TaskAssign,
     Welcome,
 )
-from ._payload import InvalidPayload, PayloadType, check_payload, register_payload_type
+from ._payload import (
+    InvalidPayload,
+    PayloadType,
+    check_payload,
+    join_payload,
+    register_payload_type,
+    split_payload,
+)
 from ._site import (
     LogReceived,
     LogRecord,
@@ -95,7 +102,9 @@ __all__ = [
     "check_hello",
     "check_payload",
     "encode_frame",
+    "join_payload",
     "register_payload_type",
     "site_proof",
+    "split_payload",
     "verify",
 ]

@@ -28,7 +28,9 @@ __all__ = [
     "PayloadType",
     "check_payload",
     "encode_payload",
+    "join_payload",
     "register_payload_type",
+    "split_payload",
 ]
 
 INLINE_BYTES_MAX = 64 * 1024
@@ -298,3 +300,34 @@ def _resolve(value: Any) -> Any:
                 value[index] = _resolve(item)
         return value
     return value
+
+
+# -- outside a connection -------------------------------------------------------------------------
+
+
+def split_payload(value: Any, path: str) -> tuple[bytes, list[memoryview]]:
+    """``value`` as a header (msgpack, with the buffers' lengths) and its out-of-band buffers
+    (not copied), for a channel other than a connection: a process group's broadcast, say.
+
+    :raises TypeError: something in ``value`` cannot be sent; the message names where.
+    """
+    buffers: list[memoryview] = []
+    wire = _to_wire(value, path, buffers)
+    return _msgpack.encode([[buffer.nbytes for buffer in buffers], _msgpack.encode(wire)]), buffers
+
+
+def join_payload(header: bytes) -> tuple[list[memoryview], Callable[[], Any]]:
+    """The reverse of `split_payload`: writable destinations, one per buffer, to fill with the
+    buffers' bytes, and the function that makes the value once they are filled.
+
+    :raises ValueError: the header is not one `split_payload` made.
+    """
+    try:
+        lengths, inner = msgspec.msgpack.decode(header)
+        decoder = PayloadDecoder(lengths)
+        value = msgspec.msgpack.decode(inner, ext_hook=decoder.ext_hook)
+        decoder.check_complete()
+    except (msgspec.DecodeError, TypeError) as exc:
+        raise ValueError(f"not a payload header: {exc}") from exc
+    destinations = [destination for destination in decoder.destinations if destination is not None]
+    return destinations, lambda: decoder.finish(value)

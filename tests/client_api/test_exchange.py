@@ -120,6 +120,7 @@ def test_diff_transfer_sends_the_change_of_full_params() -> None:
         ClientConfig(site_name="s", transfer_type="HALF")
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("transfer_type", ["FULL", "DIFF"])
 def test_with_the_pytorch_exchange_format_the_trainer_sees_tensors_and_the_wire_arrays(
     transfer_type: str,

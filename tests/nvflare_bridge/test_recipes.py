@@ -328,6 +328,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.torch
 def test_pytorch_fedavg_recipe_runs_on_agent_executor(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[torch]'")
     workspaces = run_both(

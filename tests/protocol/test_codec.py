@@ -1095,6 +1095,7 @@ def test_unregistered_classes_cannot_be_sent() -> None:
     assert "Point" in str(info.value)
 
 
+@pytest.mark.torch
 def test_torch_tensors_round_trip() -> None:
     torch = pytest.importorskip("torch")
     tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4)

@@ -4,6 +4,7 @@ rank 0 talks to the site; no process is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -108,15 +109,18 @@ def ranks_at_a_site(
         try:
             yield site, run
         except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # they may have ended already
+                os.killpg(process.pid, signal.SIGKILL)
             raise
     try:
         run.returncode = run.finish()
     finally:
-        if process.poll() is None:
+        left = group_alive(process.pid)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        process.wait(10)
         assert_group_gone(process.pid)
+    assert not left, "a process of the ranks' group outlived torchrun"
 
 
 def client(mode: str, folder: Path) -> tuple[Path, str, Path]:
@@ -124,14 +128,18 @@ def client(mode: str, folder: Path) -> tuple[Path, str, Path]:
     return HERE / "ddp_client.py", mode, folder / "records"
 
 
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def assert_group_gone(group: int, timeout: float = 10.0) -> None:
     """Bounded polling until no process of the group is left."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
+    while group_alive(group):
         assert time.monotonic() < deadline, f"processes of group {group} are still running"
         time.sleep(0.05)
 
@@ -253,3 +261,21 @@ def test_the_lightning_example_trains_federated_on_two_ranks(tmp_path: Path) -> 
         found = accuracies(site, rounds=4)
     assert run.returncode == 0, run.log()
     assert all(later > earlier for earlier, later in itertools.pairwise(found)), found
+
+
+def test_an_abort_stops_lightnings_fit_on_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    pytest.importorskip("lightning", reason="needs lightning: pip install -e '.[torch]'")
+    script = (HERE / "lightning_client.py", tmp_path / "records")
+    with ranks_at_a_site(tmp_path, *script) as (site, run):
+        wait_for_trainer(site)
+        future = site.run_task_soon("trainer", {}, task_id="t1")
+        run.wait_for("training")
+        assert site.portal.call(site.site.abort_task, "trainer", "t1")
+        with pytest.raises(TaskAborted):
+            future.result(10)
+        run.wait_for("fit_done")
+    assert run.returncode == 0, run.log()
+    done = {rank: [e for e in run.events(rank) if e["event"] == "fit_done"] for rank in (0, 1)}
+    assert done[0] == done[1]  # the same step on both ranks
+    assert 0 < done[0][0]["steps"] < 50_000, done  # stopped mid-epoch, long before its end
+    assert [e["event"] for e in run.events(0)][-1] == "end"

@@ -19,22 +19,14 @@ pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 import trustme
 from _poc import Poc, processes_under, wait_until_gone
-from nvflare.app_common.aggregators.intime_accumulate_model_aggregator import (
-    InTimeAccumulateWeightedAggregator,
-)
-from nvflare.app_common.shareablegenerators.full_model_shareable_generator import (
-    FullModelShareableGenerator,
-)
-from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
-from nvflare.job_config.api import FedJob
+from nvflare_bridge import _jobs
 
-from flare_agent_async.nvflare import AgentExecutor, NpzModelPersistor
+from flare_agent_async.nvflare import AgentExecutor
 
 pytestmark = pytest.mark.deployment
 
 HERE = Path(__file__).parent
 TRAINER = HERE / "deployed_trainer.py"
-INITIAL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(4)}
 JOB_TIMEOUT = 180.0
 GONE_TIMEOUT = 60.0
 
@@ -74,30 +66,12 @@ def submit(
     executors: dict[str, AgentExecutor],
     rounds: int,
 ) -> str:
-    """A FedAvg job (ScatterAndGather, our persistor) with these executors, submitted through the
-    admin API; its id."""
-    initial = folder / "initial.npz"
-    np.savez(initial, **INITIAL)
-    job = FedJob(name=name, min_clients=2)
-    job.set_app_packages(["flare_agent_async"])
-    job.to(NpzModelPersistor(str(initial)), "server", id="persistor")
-    job.to(FullModelShareableGenerator(), "server", id="shareable_generator")
-    job.to(
-        InTimeAccumulateWeightedAggregator(expected_data_kind="WEIGHTS"), "server", id="aggregator"
+    """The suite's FedAvg job with each site's executor and the trainer script, submitted
+    through the admin API; its id."""
+    job = _jobs.fedavg_job(
+        name, executors, folder / "initial.npz", rounds=rounds, train_timeout=600
     )
-    job.to(
-        ScatterAndGather(
-            min_clients=2,
-            num_rounds=rounds,
-            wait_time_after_min_received=0,
-            persistor_id="persistor",
-            train_timeout=600,
-            task_check_period=0.2,
-        ),
-        "server",
-    )
-    for site, executor in executors.items():
-        job.to(executor, site, tasks=["train"])
+    for site in executors:
         job.to(str(TRAINER), site)
     job.export_job(str(folder / "jobs"))
     return str(poc.session().submit_job(str(folder / "jobs" / name)))
@@ -105,6 +79,19 @@ def submit(
 
 def trainer(mode: str, records: Path, *options: str) -> str:
     return f"{{python}} -u custom/{TRAINER.name} {mode} {records} " + " ".join(options)
+
+
+def trainers(records: Path, *options: str, **executor_options: Any) -> dict[str, AgentExecutor]:
+    """An async trainer on site-1, a sync one on site-2, with these options; reconnects end
+    after 5 s."""
+    return {
+        site: AgentExecutor(
+            agent_id="trainer",
+            launch=trainer(mode, records, *options, "--reconnect", "5"),
+            **executor_options,
+        )
+        for site, mode in (("site-1", "async"), ("site-2", "sync"))
+    }
 
 
 def events(records: Path, site: str) -> list[dict[str, Any]]:
@@ -180,7 +167,7 @@ def test_a_submitted_job_runs_to_the_end_with_an_async_trainer_over_mutual_tls_a
     result = Path(poc.session().download_job_result(job_id, str(tmp_path / "result")))
     (saved,) = result.rglob("global_model.npz")
     with np.load(saved) as model:
-        for name, value in INITIAL.items():
+        for name, value in _jobs.INITIAL.items():
             np.testing.assert_allclose(model[name], value + 2)  # two rounds of +1, averaged
     assert events(records, "site-1")[0]["url"].startswith("tls://")
     for site in ("site-1", "site-2"):
@@ -193,12 +180,7 @@ def test_a_job_aborted_through_the_admin_api_aborts_every_trainers_task_and_leav
 ) -> None:
     records = tmp_path / "records"
     records.mkdir()
-    slow = {
-        site: AgentExecutor(
-            agent_id="trainer", launch=trainer(mode, records, "--slow", "--reconnect", "5")
-        )
-        for site, mode in (("site-1", "async"), ("site-2", "sync"))
-    }
+    slow = trainers(records, "--slow")
     job_id = submit(poc, tmp_path, "aborted", slow, rounds=2)
     for site in slow:
         wait_for_event(records, site, "task")
@@ -214,11 +196,7 @@ def test_a_client_job_killed_mid_round_ends_its_trainer_after_reconnect_timeout(
 ) -> None:
     records = tmp_path / "records"
     records.mkdir()
-    executors = {
-        site: AgentExecutor(agent_id="trainer", launch=trainer(mode, records, "--reconnect", "5"))
-        for site, mode in (("site-1", "async"), ("site-2", "sync"))
-    }
-    job_id = submit(poc, tmp_path, "killed_cj", executors, rounds=1000)
+    job_id = submit(poc, tmp_path, "killed_cj", trainers(records), rounds=1000)
     wait_for_event(records, "site-1", "task")
     client_jobs = {
         pid: command
@@ -239,14 +217,7 @@ def test_a_launched_trainer_killed_mid_task_fails_the_task_at_once_with_the_reas
 ) -> None:
     records = tmp_path / "records"
     records.mkdir()
-    slow = {
-        site: AgentExecutor(
-            agent_id="trainer",
-            task_timeout=600,
-            launch=trainer(mode, records, "--slow", "--reconnect", "5"),
-        )
-        for site, mode in (("site-1", "async"), ("site-2", "sync"))
-    }
+    slow = trainers(records, "--slow", task_timeout=600)
     job_id = submit(poc, tmp_path, "killed_trainer", slow, rounds=2)
     started = wait_for_event(records, "site-1", "task")
     wait_for_event(records, "site-2", "task")

@@ -248,16 +248,11 @@ def accuracies(site: SiteThread, rounds: int) -> list[float]:
     return found
 
 
-def test_the_ddp_example_trains_federated_on_two_ranks(tmp_path: Path) -> None:
-    with ranks_at_a_site(tmp_path, EXAMPLES / "ddp_trainer.py") as (site, run):
-        found = accuracies(site, rounds=4)
-    assert run.returncode == 0, run.log()
-    assert all(later > earlier for earlier, later in itertools.pairwise(found)), found
-
-
-def test_the_lightning_example_trains_federated_on_two_ranks(tmp_path: Path) -> None:
-    pytest.importorskip("lightning", reason="needs lightning: pip install -e '.[torch]'")
-    with ranks_at_a_site(tmp_path, EXAMPLES / "lightning_trainer.py") as (site, run):
+@pytest.mark.parametrize("example", ["ddp_trainer", "lightning_trainer"])
+def test_the_example_trains_federated_on_two_ranks(example: str, tmp_path: Path) -> None:
+    if example == "lightning_trainer":
+        pytest.importorskip("lightning", reason="needs lightning: pip install -e '.[torch]'")
+    with ranks_at_a_site(tmp_path, EXAMPLES / f"{example}.py") as (site, run):
         found = accuracies(site, rounds=4)
     assert run.returncode == 0, run.log()
     assert all(later > earlier for earlier, later in itertools.pairwise(found)), found

@@ -37,8 +37,11 @@ def fedavg_job(
     *,
     meta: dict[str, Any] | None = None,
     components: dict[str, Any] | None = None,
+    rounds: int = ROUNDS,
+    train_timeout: float = 60,
 ) -> FedJob:
-    """ScatterAndGather over ``CLIENTS`` clients for ``ROUNDS`` rounds, ``executor`` on each."""
+    """ScatterAndGather over ``CLIENTS`` clients for ``rounds`` rounds, ``executor`` on each (or,
+    for a dict, each site's own)."""
     np.savez(initial_model, **INITIAL)
     job = FedJob(name=name, min_clients=CLIENTS, meta_props=meta)
     job.set_app_packages(["flare_agent_async"])
@@ -50,17 +53,21 @@ def fedavg_job(
     job.to(
         ScatterAndGather(
             min_clients=CLIENTS,
-            num_rounds=ROUNDS,
+            num_rounds=rounds,
             wait_time_after_min_received=0,
             persistor_id="persistor",
-            train_timeout=60,
+            train_timeout=train_timeout,
             task_check_period=0.05,
         ),
         "server",
     )
     for name_, component in (components or {}).items():
         job.to_clients(component, id=name_)
-    job.to_clients(executor, tasks=["train"])
+    if isinstance(executor, dict):
+        for site, one in executor.items():
+            job.to(one, site, tasks=["train"])
+    else:
+        job.to_clients(executor, tasks=["train"])
     return job
 
 

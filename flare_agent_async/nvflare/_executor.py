@@ -424,6 +424,12 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         except (SiteError, TimeoutError, _TrainerExited) as exc:
             self.log_error(fl_ctx, f"task {task_name!r} {task.task_id} failed: {exc}")
             return make_reply(FlareRC.EXECUTION_EXCEPTION)
+        finally:
+            # The task's arrays are done with once it ended (the site kept them until then, to
+            # send them again to an agent that reconnects): dropped from NVFlare's task here, the
+            # client job holds the result alone while NVFlare sends it on, not the task as well.
+            if isinstance(task.data, dict):
+                task.data.clear()
         elapsed_ms = (time.monotonic() - started) * 1000
         self.log_info(
             fl_ctx,

@@ -24,7 +24,7 @@ from typing import Any
 from ._client import AsyncClient, Client, RankFailed
 from ._exchange import ClientConfig, model_from_task, params_diff, result_from_model
 from ._model import FLModel, FLModelConst, MetaKey, ParamsType, as_fl_model
-from ._ranks import resolve_rank
+from ._ranks import resolve_rank, share
 
 __all__ = [
     "AsyncClient",
@@ -54,6 +54,7 @@ __all__ = [
     "resolve_rank",
     "result_from_model",
     "send",
+    "share",
     "shutdown",
     "system_info",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..protocol import join_payload, split_payload
 
-__all__ = ["Collective", "resolve_rank"]
+__all__ = ["Collective", "resolve_rank", "share"]
 
 
 def resolve_rank(rank: str | int | None = None) -> str:
@@ -42,6 +42,22 @@ def resolve_rank(rank: str | int | None = None) -> str:
             "rank on this node only; set RANK to the global rank (torchrun does), or pass rank="
         )
     return "0"
+
+
+def share(value: Any = None) -> Any:
+    """Rank 0's ``value`` on every rank of the ``torch.distributed`` process group: a collective,
+    which every rank must call at the same point (ranks other than 0 pass nothing). Arrays and
+    tensors travel as the group's own broadcasts, not pickled. Without a group of more than one
+    process, ``value`` itself.
+
+    For `SyncFlareAgent` and `AsyncFlareAgent` trainers of many processes, where only rank 0
+    has an agent::
+
+        task = agent.get_task() if rank == 0 else None
+        data = share(task.data if task is not None else None)
+    """
+    collective = Collective.current()
+    return value if collective is None else collective.share(value)
 
 
 class Collective:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flare_agent_async.client import resolve_rank
+from flare_agent_async.client import resolve_rank, share
 from flare_agent_async.protocol import join_payload, split_payload
 
 
@@ -53,3 +53,8 @@ def test_a_split_payload_joins_into_the_same_value_in_new_memory() -> None:
     assert (joined["n"], joined["b"], joined["s"]) == (4, value["b"], [1, "a"])
     with pytest.raises(ValueError, match="not a payload header"):
         join_payload(b"\x01\x02")
+
+
+def test_share_without_a_process_group_is_the_value_itself() -> None:
+    value = {"w": np.arange(3)}
+    assert share(value) is value

@@ -29,6 +29,9 @@ def main() -> None:
         log.write(json.dumps({"event": event, **fields}) + "\n")
 
     flare.init(params_exchange_format="pytorch")
+    # the helper for agents' trainers: rank 0's value on every rank
+    shared = flare.share({"from": rank, "w": torch.arange(3.0)} if rank == 0 else None)
+    record("shared", value={"from": shared["from"], "w": shared["w"].tolist()})
     model = torch.nn.Linear(3, 1)
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)

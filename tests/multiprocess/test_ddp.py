@@ -184,6 +184,8 @@ def test_every_rank_gets_the_same_model_each_round_and_the_goodbye_ends_both(
     # each round starts from the global model, and training moves it
     assert received[0][1]["weights"] == {k: v.tolist() for k, v in results[0].items()}
     assert events[0][-1] == events[1][-1] == {"event": "end"}
+    for rank in (0, 1):  # flare.share: rank 0's value, a tensor arriving as a tensor
+        assert {"event": "shared", "value": {"from": 0, "w": [0.0, 1.0, 2.0]}} in events[rank]
 
 
 def test_an_abort_mid_training_stops_every_rank_and_the_next_task_runs(tmp_path: Path) -> None:

@@ -232,3 +232,34 @@ def test_a_launched_trainer_killed_mid_task_fails_the_task_at_once_with_the_reas
     # The trainer is not launched again: the job cannot go on without site-1's results.
     poc.session().abort_job(job_id)
     end_and_count(poc, job_id)
+
+
+CLIENT_API_SCRIPT = """\
+import flare_agent_async.client as flare
+
+flare.init()
+while flare.is_running():
+    model = flare.receive()
+    flare.send(flare.FLModel(params={key: value + 1 for key, value in model.params.items()}))
+"""
+
+
+def test_a_converted_recipe_runs_in_the_deployment(poc: Poc, tmp_path: Path) -> None:
+    from nvflare.app_common.np.recipes.fedavg import NumpyFedAvgRecipe
+
+    from flare_agent_async.nvflare import use_agent_executor
+
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_API_SCRIPT)
+    recipe = NumpyFedAvgRecipe(
+        name="recipe", min_clients=2, num_rounds=2, model=[0.0] * 4, train_script=str(script)
+    )
+    use_agent_executor(recipe)
+    recipe.export(str(tmp_path / "jobs"))
+    job_id = str(poc.session().submit_job(str(tmp_path / "jobs" / "recipe")))
+    assert wait_for_status(poc, job_id) == "FINISHED:COMPLETED"
+    end_and_count(poc, job_id)
+    result = Path(poc.session().download_job_result(job_id, str(tmp_path / "result")))
+    (saved,) = result.rglob("server.npy")
+    np.testing.assert_array_equal(np.load(saved), np.full(4, 2.0))  # two rounds of +1
+    assert error_logs(poc, job_id) == {}

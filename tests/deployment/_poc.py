@@ -34,6 +34,25 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def write_project(path: Path) -> Path:
+    """NVFlare's sample project (server1, site-1, site-2, admins) with a free port."""
+    template = Path(nvflare.__file__).parent / "lighter" / "dummy_project.yml"
+    path.write_text(
+        template.read_text().replace("fed_learn_port: 8002", f"fed_learn_port: {free_port()}")
+    )
+    return path
+
+
+def services_env(workspace: Path) -> dict[str, str]:
+    """The environment for NVFlare's POC commands: the workspace, and this interpreter first on
+    ``PATH``, as the services run ``python3``, where this library must be installed."""
+    return {
+        **os.environ,
+        "NVFLARE_POC_WORKSPACE": str(workspace),
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+    }
+
+
 class Poc:
     """One POC deployment, started with NVFlare's own command line."""
 
@@ -41,13 +60,7 @@ class Poc:
         self.folder = folder
         self.workspace = folder / "poc"
         self.prod = self.workspace / "example_project" / "prod_00"
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = {
-            **os.environ,
-            "NVFLARE_POC_WORKSPACE": str(self.workspace),
-            # The services run `python3`: this interpreter, where this library is installed.
-            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        }
+        self.env = services_env(self.workspace)
         self._session: Any = None
 
     def _nvflare(self, *args: str, timeout: float) -> str:
@@ -64,11 +77,7 @@ class Poc:
         return done.stdout
 
     def start(self) -> None:
-        template = Path(nvflare.__file__).parent / "lighter" / "dummy_project.yml"
-        project = self.folder / "project.yml"
-        project.write_text(
-            template.read_text().replace("fed_learn_port: 8002", f"fed_learn_port: {free_port()}")
-        )
+        project = write_project(self.folder / "project.yml")
         self._nvflare("poc", "prepare", "-i", str(project), "--force", timeout=60)
         for participant in ("server1", *CLIENTS):
             allow_this_library(self.prod / participant / "local")

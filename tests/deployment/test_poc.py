@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,15 @@ import pytest
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 import trustme
-from _poc import Poc, processes_under, wait_until_gone
+from _poc import (
+    ADMIN,
+    Poc,
+    kill_all,
+    processes_under,
+    services_env,
+    wait_until_gone,
+    write_project,
+)
 from nvflare_bridge import _jobs
 
 from flare_agent_async.nvflare import AgentExecutor
@@ -244,8 +254,11 @@ while flare.is_running():
 """
 
 
-def test_a_converted_recipe_runs_in_the_deployment(poc: Poc, tmp_path: Path) -> None:
+def test_a_converted_recipe_runs_on_prod_env_against_the_deployment(
+    poc: Poc, tmp_path: Path
+) -> None:
     from nvflare.app_common.np.recipes.fedavg import NumpyFedAvgRecipe
+    from nvflare.recipe import ProdEnv
 
     from flare_agent_async.nvflare import use_agent_executor
 
@@ -255,11 +268,59 @@ def test_a_converted_recipe_runs_in_the_deployment(poc: Poc, tmp_path: Path) -> 
         name="recipe", min_clients=2, num_rounds=2, model=[0.0] * 4, train_script=str(script)
     )
     use_agent_executor(recipe)
-    recipe.export(str(tmp_path / "jobs"))
-    job_id = str(poc.session().submit_job(str(tmp_path / "jobs" / "recipe")))
-    assert wait_for_status(poc, job_id) == "FINISHED:COMPLETED"
-    end_and_count(poc, job_id)
-    result = Path(poc.session().download_job_result(job_id, str(tmp_path / "result")))
-    (saved,) = result.rglob("server.npy")
+    run = recipe.execute(ProdEnv(startup_kit_location=str(poc.prod / ADMIN)))
+    result = run.get_result(timeout=JOB_TIMEOUT)
+    assert run.get_status() == "FINISHED:COMPLETED"
+    end_and_count(poc, run.get_job_id())
+    assert result is not None
+    (saved,) = Path(result).rglob("server.npy")
     np.testing.assert_array_equal(np.load(saved), np.full(4, 2.0))  # two rounds of +1
-    assert error_logs(poc, job_id) == {}
+    assert error_logs(poc, run.get_job_id()) == {}
+
+
+POC_ENV_JOB = """\
+import sys
+
+from nvflare.app_common.np.recipes.fedavg import NumpyFedAvgRecipe
+from nvflare.recipe import PocEnv
+
+from flare_agent_async.nvflare import use_agent_executor
+
+recipe = NumpyFedAvgRecipe(
+    name="pocenv", min_clients=2, num_rounds=2, model=[0.0] * 4, train_script="client.py"
+)
+use_agent_executor(recipe)
+run = recipe.execute(PocEnv(project_conf_path=sys.argv[1]))
+result = run.get_result(timeout=180, clean_up=False)  # stops POC; keeps its workspace
+print("STATUS", run.get_status())
+print("RESULT", result)
+"""
+
+
+def test_a_converted_recipe_runs_on_poc_env(tmp_path: Path) -> None:
+    """NVFlare's PocEnv provisions and starts a POC of its own, runs the job, and stops."""
+    (tmp_path / "client.py").write_text(CLIENT_API_SCRIPT)
+    (tmp_path / "job.py").write_text(POC_ENV_JOB)
+    workspace = tmp_path / "poc"
+    project = write_project(tmp_path / "project.yml")
+    try:
+        done = subprocess.run(
+            [sys.executable, "job.py", str(project)],
+            cwd=tmp_path,
+            env=services_env(workspace),
+            capture_output=True,
+            text=True,
+            timeout=JOB_TIMEOUT + 120,
+            start_new_session=True,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "STATUS FINISHED:COMPLETED" in done.stdout, done.stdout[-3000:]
+        result = done.stdout.split("RESULT ", 1)[1].strip()
+        (saved,) = Path(result).rglob("server.npy")
+        np.testing.assert_array_equal(np.load(saved), np.full(4, 2.0))
+        deadline = time.monotonic() + GONE_TIMEOUT
+        while processes_under(workspace) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        left = kill_all(processes_under(workspace))
+    assert not left, f"processes outlived PocEnv's stop: {left}"

@@ -1,5 +1,5 @@
-"""A Lightning DDP trainer of two ranks under torchrun, for the tests: its epoch is long (it
-trains until the task is aborted), and each rank records what happened in
+"""A Lightning DDP trainer of two ranks under torchrun, for the tests: the example's model with
+an epoch so long that it trains until the task is aborted; each rank records what happened in
 ``<records>/rank<N>.jsonl``."""
 
 from __future__ import annotations
@@ -15,18 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import flare_agent_async.client.lightning as flare
 
-
-class Net(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch: list[torch.Tensor], index: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+sys.path.insert(0, str(Path(__file__).parent.parent.parent / "examples"))
+from lightning_trainer import Classifier
 
 
 class Record(L.Callback):
@@ -57,9 +47,9 @@ def main() -> None:
     record = Record(records / f"rank{trainer.global_rank}.jsonl")
     trainer.callbacks.append(record)
     flare.patch(trainer)
-    x = torch.randn(200_000, 4)
-    data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=2)
-    model = Net()
+    x = torch.randn(200_000, 8)  # an epoch far longer than the test waits
+    data = DataLoader(TensorDataset(x, (x.sum(dim=1) > 0).long()), batch_size=2)
+    model = Classifier()
     while flare.is_running():
         trainer.fit(model, data)
         record.write("fit_done", steps=trainer.global_step)

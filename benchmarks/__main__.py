@@ -112,7 +112,7 @@ def steps(plan: Plan, only: set[str]) -> Iterator[Step]:
                 f"portal.call on {backend}",
                 lambda b=backend: latency.portal_call(b, plan.tasks, plan.repeats),
             )
-        for transport in ("tcp", "unix"):
+        for transport in ("tcp", "unix", "tls"):
             if transport in plan.throughput_transports:
                 for mib in plan.sizes_mib:
                     yield (

@@ -1,5 +1,6 @@
 """A large model out and back: the site sends N MiB of float32 arrays to an agent, which returns
-them; next to the floor, the same bytes out and back over raw blocking sockets.
+them; next to the floor, the same bytes out and back over raw blocking sockets (plain, or the
+standard library's ssl for tls).
 
 Every side runs in a process of its own, so each process's peak RSS is its own. One transfer
 warms up before the measured ones, on both sides of the comparison. Memory is the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import statistics
 import struct
 import tempfile
@@ -37,6 +39,7 @@ from benchmarks._harness import (
     site_options,
     site_url,
     spread,
+    tls_site_context,
     usage,
 )
 
@@ -98,14 +101,17 @@ def _receive_exactly(sock: socket.socket, size: int) -> np.ndarray:
     return buffer
 
 
-def _floor_echo(address: str) -> None:
+def _floor_echo(address: str, folder: str) -> None:
     family = socket.AF_UNIX if address.startswith("/") else socket.AF_INET
     server = socket.socket(family, socket.SOCK_STREAM)
     server.bind(address if family == socket.AF_UNIX else ("127.0.0.1", 0))
     server.listen(1)
     server.settimeout(120)  # the client comes at once, or never
+    context = tls_site_context(folder) if address == "tls" else None
     emit(address=address if family == socket.AF_UNIX else server.getsockname()[1])
     connection, _ = server.accept()
+    if context is not None:
+        connection = context.wrap_socket(connection, server_side=True)
     connection.settimeout(600)
     growth = []
     while True:
@@ -123,11 +129,15 @@ def _floor_echo(address: str) -> None:
     emit(rss_growth=statistics.median(growth))
 
 
-def _floor_client(address: str, mib: float, repeats: int) -> None:
+def _floor_client(address: str, mib: float, repeats: int, folder: str) -> None:
     family = socket.AF_UNIX if address.startswith("/") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(600)
     sock.connect(address if family == socket.AF_UNIX else ("127.0.0.1", int(address)))
+    ca = os.path.join(folder, "ca.pem")
+    if os.path.exists(ca):  # the echo made a CA: blocking ssl sockets, the tls floor
+        context = ssl.create_default_context(cafile=ca)
+        sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
     data = np.ones(int(mib * 2**20), dtype=np.uint8)  # the model's bytes, in one piece
     seconds, growth = [], []
     for repeat in range(-1, repeats):  # -1: a warm-up, not counted
@@ -173,12 +183,13 @@ def _row(
 
 
 def floor(transport: str, mib: float, repeats: int) -> dict[str, Any]:
-    """The same bytes out and back over raw blocking sockets (tcp or unix)."""
+    """The same bytes out and back over raw blocking sockets: tcp, unix, or tcp wrapped in the
+    standard library's ssl (the tls floor)."""
     with tempfile.TemporaryDirectory(prefix="flare-bench-") as folder:
-        address = os.path.join(folder, "floor.sock") if transport == "unix" else "tcp"
-        with Child("throughput", "floor-echo", "--address", address) as echo:
+        address = os.path.join(folder, "floor.sock") if transport == "unix" else transport
+        with Child("throughput", "floor-echo", "--address", address, "--folder", folder) as echo:
             bound = echo.expect("address")
-            common = ("--mib", str(mib), "--repeats", str(repeats))
+            common = ("--mib", str(mib), "--repeats", str(repeats), "--folder", folder)
             with Child("throughput", "floor-client", "--address", str(bound), *common) as client:
                 site, agent = finish_together([client, echo])
     return _row("floor", transport, "blocking", mib, site, agent)
@@ -204,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.role == "agent":
         run_on(args.backend, _agent, args.url, args.folder)
     elif args.role == "floor-echo":
-        _floor_echo(args.address)
+        _floor_echo(args.address, args.folder)
     elif args.role == "floor-client":
-        _floor_client(args.address, args.mib, args.repeats)
+        _floor_client(args.address, args.mib, args.repeats, args.folder)
     else:
         raise SystemExit(f"unknown role {args.role!r}")
     report_usage()

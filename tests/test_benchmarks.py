@@ -60,6 +60,9 @@ def test_every_scenario_is_measured(quick: dict[str, Any]) -> None:
     assert {r["agents"] for r in quick["scale"]} == set(plan["agents"])
     floors = {r.get("floor", "bulk") for r in quick["floor"]}
     assert floors == {"tcp ping-pong", "portal.call", "bulk"}
+    # a raw-socket floor for every transport measured, the tls one over blocking ssl sockets
+    bulk = {r["transport"] for r in quick["floor"] if "mib" in r}
+    assert bulk == {t for t in plan["throughput_transports"] if t in ("tcp", "unix", "tls")}
     if isinstance(quick["nvflare"], dict):  # nvflare is not installed here: said why
         assert "nvflare" in quick["nvflare"]["skipped"]
     else:

@@ -79,10 +79,14 @@ def ranks_at_a_site(
     """A site in a thread, and two ranks of ``script`` (a path and its arguments) started
     against it as torchrun starts them. Leaving closes the site (its goodbye), then waits,
     bounded, for the ranks to end (`Ranks.returncode`); whatever is left is killed, and the
-    test fails if any was."""
+    test fails if any was.
+
+    torchrun starts each rank in a session of its own, so the ranks are not torchrun's process
+    group: every process of the run is found by a mark in its environment instead."""
     records = folder / "records"
     records.mkdir()
     output = folder / "torchrun.out"
+    mark = f"{RUN_MARK}={folder}"
     with site_thread(**site_options) as site:
         env = {
             **os.environ,
@@ -90,6 +94,7 @@ def ranks_at_a_site(
             "FLARE_AGENT_SITE_NAME": "site-1",
             "FLARE_AGENT_ID": "trainer",
             "OMP_NUM_THREADS": "1",
+            RUN_MARK: str(folder),
         }
         env.pop("RANK", None)
         command = [
@@ -109,39 +114,52 @@ def ranks_at_a_site(
         try:
             yield site, run
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):  # they may have ended already
-                os.killpg(process.pid, signal.SIGKILL)
+            kill_marked(mark)
             raise
     try:
         run.returncode = run.finish()
     finally:
-        left = group_alive(process.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        left = marked(mark)
+        kill_marked(mark)
         process.wait(10)
-        assert_group_gone(process.pid)
-    assert not left, "a process of the ranks' group outlived torchrun"
+    assert not left, f"processes of the run outlived torchrun: {left}"
+
+
+RUN_MARK = "FLARE_AGENT_TEST_RUN"
+"""In the environment of every process a test starts, with the test's folder as its value."""
+
+
+def marked(mark: str) -> dict[int, str]:
+    """Live processes whose environment holds ``mark``: pid -> command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environment = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if mark.encode() in environment and state != "Z":
+            found[int(entry)] = command.decode(errors="replace").strip()
+    return found
+
+
+def kill_marked(mark: str, timeout: float = 10.0) -> None:
+    """SIGKILL every process of the run; bounded polling until none is left."""
+    deadline = time.monotonic() + timeout
+    while found := marked(mark):
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"processes of the run survived SIGKILL: {found}"
+        time.sleep(0.05)
 
 
 def client(mode: str, folder: Path) -> tuple[Path, str, Path]:
     """The test trainer ``ddp_client.py`` in ``mode``, recording into ``folder/records``."""
     return HERE / "ddp_client.py", mode, folder / "records"
-
-
-def group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def assert_group_gone(group: int, timeout: float = 10.0) -> None:
-    """Bounded polling until no process of the group is left."""
-    deadline = time.monotonic() + timeout
-    while group_alive(group):
-        assert time.monotonic() < deadline, f"processes of group {group} are still running"
-        time.sleep(0.05)
 
 
 def wait_for_trainer(site: SiteThread) -> None:

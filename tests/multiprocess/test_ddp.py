@@ -223,6 +223,7 @@ def test_an_abort_mid_training_stops_every_rank_and_the_next_task_runs(tmp_path:
     assert run.returncode == 0, run.log()
     for rank in (0, 1):
         assert [e["event"] for e in run.events(rank)] == [
+            "shared",
             "received",
             "training",
             "aborted",

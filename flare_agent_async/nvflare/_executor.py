@@ -18,6 +18,7 @@ import signal
 import ssl
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -53,8 +54,34 @@ __all__ = ["AgentExecutor"]
 
 T = TypeVar("T")
 
+_ENV_LAUNCH = "FLARE_AGENT_LAUNCH"
+"""Marks the launched trainer and all it starts, to find what it leaves behind."""
+
 JOB_META_KEY_AGENT_ID = "agent_id"
 """The job meta key NVFlare's IPCExchanger reads the agent id from; the executor reads it too."""
+
+
+def _processes_with(entry: bytes) -> dict[int, str]:
+    """Live processes whose environment holds ``entry`` (``NAME=value``): pid -> command line.
+    Empty where ``/proc`` does not show environments."""
+    found: dict[int, str] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as file:
+                environment = file.read().split(b"\0")
+            with open(f"/proc/{name}/cmdline", "rb") as file:
+                command = file.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if entry in environment and command:  # a zombie has no command line left
+            found[int(name)] = command
+    return found
 
 
 class _Aborted(Exception):
@@ -91,7 +118,8 @@ class AgentExecutor(Executor):  # type: ignore[misc]
 
     With ``launch``, the executor starts the trainer itself, after the site listens, and stops it
     at the end of the run (it has ``launch_stop_timeout`` seconds to leave after the goodbye; then
-    its process group is terminated, and killed if need be). The command may use ``{url}``,
+    its process group is terminated, and killed if need be, and so is what it started outside
+    that group, torchrun's ranks say, found by ``FLARE_AGENT_LAUNCH`` in their environment). The command may use ``{url}``,
     ``{site_name}``, ``{agent_id}``, ``{job_id}``, ``{app_dir}`` and ``{python}`` (the Python that
     runs the client job, where NVFlare and this library are installed); it runs in the app's
     directory with the same values in the environment (``FLARE_AGENT_URL``,
@@ -199,6 +227,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self._site: FlareSite | None = None
         self._stop: anyio.Event | None = None
         self._trainer_exit: anyio.Event | None = None
+        self._launch_mark: str | None = None
         self.trainer_returncode: int | None = None
         """The launched trainer's exit code once it exited (negative: the signal that ended it)."""
 
@@ -350,6 +379,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         )
         if self.client_config:
             env[ENV_CLIENT_CONFIG] = json.dumps(self.client_config)
+        env[_ENV_LAUNCH] = self._launch_mark = uuid.uuid4().hex
         self._trainer_exit = anyio.Event()
         self.logger.info(f"launching the trainer: {command}")
         return await anyio.open_process(
@@ -365,18 +395,33 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             self.logger.warning(f"the trainer exited with code {code} during the run")
 
     async def _stop_trainer(self, process: anyio.abc.Process) -> None:
-        """Give the trainer time to leave after the goodbye; then terminate its process group."""
+        """Give the trainer time to leave after the goodbye; then terminate its process group;
+        then whatever it started in sessions of its own (torchrun's ranks, say)."""
         with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.launch_stop_timeout):
+            await self._end_group(process)
+            if self._launch_mark is not None:
+                self._reap_strays(self._launch_mark)
+
+    async def _end_group(self, process: anyio.abc.Process) -> None:
+        with anyio.move_on_after(self.launch_stop_timeout):
+            await process.wait()
+            return
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            self.logger.warning(f"the trainer did not exit; sending it {sig.name}")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)
+            with anyio.move_on_after(grace):
                 await process.wait()
                 return
-            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                self.logger.warning(f"the trainer did not exit; sending it {sig.name}")
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, sig)
-                with anyio.move_on_after(grace):
-                    await process.wait()
-                    return
+
+    def _reap_strays(self, mark: str) -> None:
+        """Kill every process the launched trainer left behind outside its process group, found
+        by the mark in its environment (where ``/proc`` shows environments: Linux)."""
+        strays = _processes_with(f"{_ENV_LAUNCH}={mark}".encode())
+        for pid, command in strays.items():
+            self.logger.warning(f"killing process {pid} the trainer left behind: {command}")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
     def _shutdown(self) -> None:
         portal, self._portal = self._portal, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -234,6 +235,35 @@ def test_a_launched_trainer_that_stays_is_terminated_at_end_run(fl_ctx: FLContex
     executor.handle_event(EventType.START_RUN, fl_ctx)
     executor.handle_event(EventType.END_RUN, fl_ctx)
     assert executor.trainer_returncode == -15
+
+
+def test_what_a_launched_trainer_starts_in_a_session_of_its_own_is_reaped_at_end_run(
+    fl_ctx: FLContext, tmp_path: Path
+) -> None:
+    # As torchrun starts its ranks: a child in a session of its own, out of the trainer's
+    # process group, which a signal to the group does not reach.
+    child = tmp_path / "child.pid"
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "stay = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
+        "child = subprocess.Popen(stay, start_new_session=True)\n"
+        f"open({str(child)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    executor = AgentExecutor(launch=f"{sys.executable} {script}", launch_stop_timeout=0.2)
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    deadline = time.monotonic() + 30
+    while not child.exists() or not child.read_text():
+        assert time.monotonic() < deadline, "the trainer never started its child"
+        time.sleep(0.05)
+    pid = int(child.read_text())
+    executor.handle_event(EventType.END_RUN, fl_ctx)
+    assert executor.trainer_returncode == -15
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, f"the trainer's child {pid} outlived the run"
+        time.sleep(0.05)
 
 
 def test_a_site_that_cannot_listen_panics_the_run(fl_ctx: FLContext) -> None:

@@ -119,10 +119,11 @@ class AgentExecutor(Executor):  # type: ignore[misc]
     With ``launch``, the executor starts the trainer itself, after the site listens, and stops it
     at the end of the run (it has ``launch_stop_timeout`` seconds to leave after the goodbye; then
     its process group is terminated, and killed if need be, and so is what it started outside
-    that group, torchrun's ranks say, found by ``FLARE_AGENT_LAUNCH`` in their environment). The command may use ``{url}``,
-    ``{site_name}``, ``{agent_id}``, ``{job_id}``, ``{app_dir}`` and ``{python}`` (the Python that
-    runs the client job, where NVFlare and this library are installed); it runs in the app's
-    directory with the same values in the environment (``FLARE_AGENT_URL``,
+    that group, torchrun's ranks say, found by ``FLARE_AGENT_LAUNCH`` in their environment).
+    The command may use ``{url}``, ``{site_name}``, ``{agent_id}``, ``{job_id}``, ``{app_dir}``
+    and ``{python}`` (the Python that runs the client job, where NVFlare and this library are
+    installed); it runs in the app's directory with the same values in the environment
+    (``FLARE_AGENT_URL``,
     ``FLARE_AGENT_SITE_NAME``, ``FLARE_AGENT_ID``, ``FLARE_AGENT_JOB_ID``), and ``client_config``
     in ``FLARE_AGENT_CLIENT_CONFIG``.
 

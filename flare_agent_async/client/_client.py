@@ -405,10 +405,8 @@ class Client:
         if collective is None:
             return self._runner.call_sync(self._client.is_aborted)
         if collective.rank != 0:
-            return bool(collective.share()["aborted"])
-        aborted = self._runner.call_sync(self._client.is_aborted)
-        collective.share({"aborted": aborted})
-        return aborted
+            return collective.share_flag()
+        return collective.share_flag(self._runner.call_sync(self._client.is_aborted))
 
     def log(self, key: str, value: Any, data_type: Any = None, **kwargs: Any) -> None:
         """See `AsyncClient.log`."""

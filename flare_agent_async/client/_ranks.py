@@ -104,6 +104,13 @@ class Collective:
             self._broadcast_bytes(destination)
         return finish()
 
+    def share_flag(self, flag: bool = False) -> bool:
+        """Rank 0's ``flag`` on every rank: one broadcast of one byte, for checks made at every
+        step (whether the task was aborted)."""
+        byte = self._torch.tensor([flag], dtype=self._torch.uint8)
+        self._broadcast(byte)
+        return bool(byte.item())
+
     def _broadcast_bytes(self, buffer: memoryview) -> None:
         if buffer.nbytes == 0:
             return

@@ -43,6 +43,7 @@ from .._environment import (
     ENV_SITE_NAME,
     ENV_URL,
 )
+from .._processes import processes_with
 from .._validate import as_secret
 from ..defs import TaskResult
 from ..exceptions import SiteError, TaskAborted
@@ -59,29 +60,6 @@ _ENV_LAUNCH = "FLARE_AGENT_LAUNCH"
 
 JOB_META_KEY_AGENT_ID = "agent_id"
 """The job meta key NVFlare's IPCExchanger reads the agent id from; the executor reads it too."""
-
-
-def _processes_with(entry: bytes) -> dict[int, str]:
-    """Live processes whose environment holds ``entry`` (``NAME=value``): pid -> command line.
-    Empty where ``/proc`` does not show environments."""
-    found: dict[int, str] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as file:
-                environment = file.read().split(b"\0")
-            with open(f"/proc/{name}/cmdline", "rb") as file:
-                command = file.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if entry in environment and command:  # a zombie has no command line left
-            found[int(name)] = command
-    return found
 
 
 class _Aborted(Exception):
@@ -418,7 +396,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
     def _reap_strays(self, mark: str) -> None:
         """Kill every process the launched trainer left behind outside its process group, found
         by the mark in its environment (where ``/proc`` shows environments: Linux)."""
-        strays = _processes_with(f"{_ENV_LAUNCH}={mark}".encode())
+        strays = processes_with(f"{_ENV_LAUNCH}={mark}".encode())
         for pid, command in strays.items():
             self.logger.warning(f"killing process {pid} the trainer left behind: {command}")
             with contextlib.suppress(ProcessLookupError, PermissionError):

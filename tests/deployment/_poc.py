@@ -22,6 +22,8 @@ from typing import Any
 
 import nvflare
 
+from flare_agent_async._processes import processes_with
+
 ADMIN = "admin@nvidia.com"
 CLIENTS = ("site-1", "site-2")
 START_TIMEOUT = 90.0
@@ -165,22 +167,16 @@ def processes_under(workspace: Path, job_id: str | None = None) -> dict[int, str
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        pid = int(entry)
-        if _read(f"/proc/{pid}/stat").split(") ")[-1][:1] == "Z":
-            continue  # a zombie: gone, waiting for its parent to collect it
-        command = _read(f"/proc/{pid}/cmdline")
+        command = _read(f"/proc/{entry}/cmdline").strip()
         try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             cwd = ""
-        mine = root in command or cwd.startswith(root)
-        if job_id is not None:
-            environment = _read(f"/proc/{pid}/environ")
-            mine = (mine and (job_id in command or job_id in cwd)) or (
-                f"FLARE_AGENT_JOB_ID={job_id}" in environment
-            )
-        if mine:
-            found[pid] = command.strip()
+        mine = command and (root in command or cwd.startswith(root))  # a zombie has no command
+        if mine and (job_id is None or job_id in command or job_id in cwd):
+            found[int(entry)] = command
+    if job_id is not None:
+        found.update(processes_with(f"FLARE_AGENT_JOB_ID={job_id}".encode()))
     return found
 
 

@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[torc
 
 from conftest import SiteThread, site_thread  # noqa: E402
 
+from flare_agent_async._processes import processes_with  # noqa: E402
 from flare_agent_async.exceptions import TaskAborted  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -131,19 +132,7 @@ RUN_MARK = "FLARE_AGENT_TEST_RUN"
 
 def marked(mark: str) -> dict[int, str]:
     """Live processes whose environment holds ``mark``: pid -> command line."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            environment = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if mark.encode() in environment and state != "Z":
-            found[int(entry)] = command.decode(errors="replace").strip()
-    return found
+    return processes_with(mark.encode())
 
 
 def kill_marked(mark: str, timeout: float = 10.0) -> None:

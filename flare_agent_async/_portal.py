@@ -14,7 +14,6 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import anyio
-import anyio.from_thread
 from anyio import RunFinishedError
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -48,6 +47,7 @@ class PortalRunner:
         self._token: EventLoopToken | None = None
         self._stop_requested: anyio.Event | None = None
         self._closed = False
+        self._waiting: set[concurrent.futures.Future[Any]] = set()  # `call_settled` calls
         self._lock = threading.RLock()  # re-entrant: stop() from a signal handler in close()
 
     async def _host(self, portal: BlockingPortal, *, task_status: TaskStatus[Any]) -> None:
@@ -84,14 +84,41 @@ class PortalRunner:
     def call_sync(self, function: Callable[[], T]) -> T:
         """``function()`` in the agent's loop, outside any task: one trip there and back (a
         `portal.call` makes two), for calls that never wait."""
-        token = self._token
-        if token is None or self._closed:
-            raise AgentClosed("the agent is stopped")
-        self._refuse_in_loop_thread()
+
+        def run(settle: Callable[[T], object]) -> None:
+            settle(function())
+
+        return self.call_settled(run)
+
+    def call_settled(self, function: Callable[[Callable[[T], object]], object]) -> T:
+        """``function(settle)`` in the agent's loop, outside any task; returns what the loop
+        passes to ``settle``, then or later (from a callback of the loop's own): one trip there
+        and one back, however long the answer takes, and no task started.
+
+        Interrupted while waiting (``KeyboardInterrupt``), the call goes on in the loop.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                function(future.set_result)
+            except Exception as exc:  # raised in the calling thread
+                future.set_exception(exc)
+
+        with self._lock:
+            token = self._token
+            if token is None or self._closed:
+                raise AgentClosed("the agent is stopped")
+            self._refuse_in_loop_thread()
+            self._waiting.add(future)
         try:
-            return anyio.from_thread.run_sync(function, token=token)
-        except RunFinishedError as exc:
+            token.backend_class.run_sync_soon(run, (), token.native_token)
+            return future.result()
+        except (RunFinishedError, concurrent.futures.CancelledError) as exc:
             raise AgentClosed("the agent is stopped") from exc
+        finally:
+            with self._lock:
+                self._waiting.discard(future)
 
     def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``function(*args)`` in the agent's loop, waited for.
@@ -136,3 +163,6 @@ class PortalRunner:
                     self._hosted.result()
             finally:
                 self._portal_context.__exit__(None, None, None)
+                # The loop is gone: a call it never ran or answered ends with AgentClosed.
+                for future in self._waiting:
+                    future.cancel()

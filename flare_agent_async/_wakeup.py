@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 
 __all__ = ["Wakeup"]
 
 
 class Wakeup:
-    """Tasks ``await wait()`` for the next change; `set` wakes them all.
+    """Tasks ``await wait()`` for the next change, and callbacks wait through `call_on_set`;
+    `set` wakes them all.
 
     An `anyio.Event` is made only when a task waits, so `set` costs an attribute read when
     nobody does (it runs at every message). A change made before a task waits does not count:
     check the state, then wait, with no checkpoint in between.
     """
 
-    __slots__ = ("_event",)
+    __slots__ = ("_callbacks", "_event")
 
     def __init__(self) -> None:
         self._event: anyio.Event | None = None
+        self._callbacks: list[Callable[[], object]] = []
 
     async def wait(self) -> None:
         """Wait for the next `set`."""
@@ -26,8 +30,16 @@ class Wakeup:
             self._event = anyio.Event()
         await self._event.wait()
 
+    def call_on_set(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` at the next `set`, once."""
+        self._callbacks.append(callback)
+
     def set(self) -> None:
-        """Wake every task waiting now."""
+        """Wake every task waiting now, and call the callbacks waiting now."""
         event, self._event = self._event, None
         if event is not None:
             event.set()
+        if self._callbacks:
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                callback()

@@ -43,6 +43,7 @@ from .protocol import (
     Message,
     RejectReceived,
     ResultSettled,
+    Submission,
     TaskAssign,
     WelcomeReceived,
     check_payload,
@@ -52,6 +53,15 @@ from .transports import Connector, MessageStream, Progress, connector_for
 __all__ = ["AsyncFlareAgent"]
 
 logger = logging.getLogger("flare_agent_async.agent")
+
+
+def _verdict(submission: Submission | None) -> bool:
+    """What `submit_result` returns for a settled submission (None: not sent)."""
+    if submission is None:
+        return False
+    if not submission.accepted:
+        logger.warning("result of task %s was not kept: %s", submission.task_id, submission.reason)
+    return bool(submission.accepted)
 
 
 class AsyncFlareAgent:
@@ -284,22 +294,38 @@ class AsyncFlareAgent:
         :raises TypeError: ``result`` is not a `TaskResult` (nothing changes).
         :raises CallStateError: no task was fetched, or its result was already submitted.
         """
+        submission = self._submit(result)
+        while submission is not None and submission.accepted is None:
+            await self._changed.wait()
+        return _verdict(submission)
+
+    def submit_result_nowait(
+        self, result: TaskResult, on_settled: Callable[[bool], object]
+    ) -> None:
+        """`submit_result` without waiting, for callers outside the event loop (the sync facade):
+        ``on_settled`` gets what `submit_result` returns, in the agent's event loop, once the site
+        answered (at once when the result is not sent). Raises as `submit_result`."""
+        submission = self._submit(result)
+
+        def settle() -> None:
+            if submission is not None and submission.accepted is None:
+                self._changed.call_on_set(settle)
+            else:
+                on_settled(_verdict(submission))
+
+        settle()
+
+    def _submit(self, result: TaskResult) -> Submission | None:
+        """Queue the current task's result; None if it is not sent (aborted, or agent closed)."""
         self._check_started()
         if isinstance(result, TaskResult):
             check_payload(result.meta, "result.meta")  # TypeError before anything changes
             check_payload(result.data, "result.data")
         submission = self._protocol.submit(result)
         self._task = None  # the trainer's result is in; the site's abort would come too late
-        if submission is None:
-            return False
-        self._wake_writer()
-        while submission.accepted is None:
-            await self._changed.wait()
-        if not submission.accepted:
-            logger.warning(
-                "result of task %s was not kept: %s", submission.task_id, submission.reason
-            )
-        return submission.accepted
+        if submission is not None:
+            self._wake_writer()
+        return submission
 
     async def log(
         self,

@@ -7,8 +7,8 @@ A synchronous training script keeps its loop as it is::
             agent.submit_result(TaskResult({}, train(task.data)))
 
 It runs one `AsyncFlareAgent` in an event loop thread of its own, reached through anyio's
-`BlockingPortal`, and only crosses threads: each call is one `portal.call`, and every rule is the
-async agent's.
+`BlockingPortal`, and only crosses threads: each call is one trip into that loop and back, and
+every rule is the async agent's.
 
 Thread rules:
 
@@ -166,7 +166,10 @@ class SyncFlareAgent(FlareAgent):
         """
         runner = self._running()
         try:
-            return runner.call(self._agent.submit_result, result)
+            kept: bool = runner.call_settled(
+                functools.partial(self._agent.submit_result_nowait, result)
+            )
+            return kept
         except AgentClosed:
             if isinstance(result, TaskResult):
                 return False  # stopped before the result could go: the contract says False

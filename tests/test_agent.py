@@ -22,6 +22,7 @@ from flare_agent_async.protocol import (
     Heartbeat,
     Log,
     Result,
+    ResultAck,
     TaskAck,
     TaskAssign,
     Welcome,
@@ -308,6 +309,41 @@ async def test_get_task_nowait_takes_a_task_that_is_here_and_never_waits() -> No
         with pytest.raises(AgentClosed):
             agent.get_task_nowait()
         assert agent.failure is None, "a stop is not a failure"
+
+
+async def test_submit_result_nowait_gives_the_sites_verdict_to_its_callback() -> None:
+    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
+        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1", close_timeout=0.05)
+        stream = await peer.start_agent(agent, group)
+        verdicts: list[bool] = []
+        with pytest.raises(CallStateError, match="without a fetched task"):
+            agent.submit_result_nowait(OK, verdicts.append)
+        for done, (task_id, accepted) in enumerate((("t1", True), ("t2", False))):
+            await stream.send(assign(task_id))
+            assert await agent.get_task(timeout=5) is not None
+            agent.submit_result_nowait(OK, verdicts.append)
+            await peer.receive_until(stream, Result)
+            await anyio.wait_all_tasks_blocked()
+            assert len(verdicts) == done, "a verdict before the site's answer"
+            await stream.send(ResultAck(task_id=task_id, accepted=accepted, reason="full"))
+            with anyio.fail_after(5):
+                while len(verdicts) == done:
+                    await anyio.wait_all_tasks_blocked()
+        assert verdicts == [True, False]
+        # Aborted before its result: False at once, and nothing is sent.
+        await stream.send(assign("t3"))
+        assert await agent.get_task(timeout=5) is not None
+        await stream.send(Abort(task_id="t3"))
+        await anyio.wait_all_tasks_blocked()
+        agent.submit_result_nowait(OK, verdicts.append)
+        assert verdicts == [True, False, False]
+        # Never answered: False once the agent closes.
+        await stream.send(assign("t4"))
+        assert await agent.get_task(timeout=5) is not None
+        agent.submit_result_nowait(OK, verdicts.append)
+        await peer.receive_until(stream, Result)
+        await agent.stop()
+        assert verdicts == [True, False, False, False]
 
 
 async def test_failure_says_why_an_agent_closed_when_the_site_is_gone() -> None:

@@ -28,6 +28,7 @@ from flare_agent_async import (
     Task,
     TaskResult,
 )
+from flare_agent_async._portal import PortalRunner
 from flare_agent_async.protocol import ResultAck
 from flare_agent_async.testing import FaultyConnector
 from flare_agent_async.transports import connector_for
@@ -373,6 +374,40 @@ def test_calls_racing_with_stop_all_end(backend: str) -> None:
             assert agent_thread() is None
 
 
+class Nothing:
+    """An async context manager that holds nothing: a bare loop for `PortalRunner`."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_call_the_loop_never_answers_ends_when_the_loop_stops(backend: str) -> None:
+    """A blocking call whose answer the loop gives later (submit_result's verdict): when the loop
+    ends without giving it, the call raises AgentClosed instead of waiting forever."""
+    runner = PortalRunner(Nothing(), backend, name="flare-agent-test")
+    runner.start()
+    ran = threading.Event()
+    outcome: Future[object] = Future()
+
+    def call() -> None:
+        try:
+            outcome.set_result(runner.call_settled(lambda settle: ran.set()))
+        except BaseException as exc:
+            outcome.set_exception(exc)
+
+    threading.Thread(target=call, daemon=True).start()
+    assert ran.wait(10), "the call never reached the loop"
+    runner.close()
+    with pytest.raises(AgentClosed, match="stopped"):
+        outcome.result(10)
+    with pytest.raises(AgentClosed):
+        runner.call_sync(lambda: None)
+
+
 def test_an_interrupted_start_stops_the_connect() -> None:
     """KeyboardInterrupt while start() waits for the connection: start() joins the thread, but
     the thread connects later and then waits for `_stop` forever -> start() never returns."""
@@ -416,6 +451,7 @@ def test_stop_from_a_signal_handler_during_stop() -> None:
 import os, signal, sys, threading, time
 sys.path.insert(0, "tests")
 from test_sync import OK, make, site_thread
+from flare_agent_async._portal import PortalRunner
 from flare_agent_async.protocol import ResultAck
 from flare_agent_async.testing import FaultyConnector
 from flare_agent_async.transports import connector_for

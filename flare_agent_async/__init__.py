@@ -27,6 +27,7 @@ from .exceptions import (
     RemoteProtocolError,
     SiteError,
     TaskAborted,
+    TaskLost,
     TransportError,
     UnknownAgent,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "SyncFlareAgent",
     "Task",
     "TaskAborted",
+    "TaskLost",
     "TaskResult",
     "TransportError",
     "UnknownAgent",

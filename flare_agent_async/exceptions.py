@@ -13,6 +13,7 @@ Every error the library raises on purpose derives from :class:`FlareAgentError`:
     └── SiteError                   raised by FlareSite to the code that runs tasks
         ├── AgentGone               the agent left, or did not come back in time
         ├── TaskAborted             the task was aborted before a result arrived
+        ├── TaskLost                the agent restarted, and the site no longer had the task's data
         └── UnknownAgent            no agent with that id ever connected (also a LookupError)
 
 `AgentClosed` and `CallStateError` are the names of NVIDIA FLARE's ``nvflare.client.defs``; they are
@@ -32,6 +33,7 @@ __all__ = [
     "RemoteProtocolError",
     "SiteError",
     "TaskAborted",
+    "TaskLost",
     "TransportError",
     "UnknownAgent",
 ]
@@ -98,6 +100,11 @@ class AgentGone(SiteError):
 
 class TaskAborted(SiteError):
     """The task was aborted (by `FlareSite.abort_task`) before its result arrived."""
+
+
+class TaskLost(SiteError):
+    """The agent restarted after it had received the task, and the site had released the task's
+    data (``keep_task_data=False``), so it could not send the task again."""
 
 
 class UnknownAgent(SiteError, LookupError):

@@ -82,6 +82,10 @@ class FlareSite:
         before they fail with `AgentGone`.
     :param hello_timeout: how long a new connection may take to say hello.
     :param close_timeout: how long leaving the ``async with`` waits to say goodbye to agents.
+    :param keep_task_data: keep each task's data until its result, to send the task again to an
+        agent that restarts (a new process under the same id). False releases the data as soon
+        as the agent has it, so a large model is not held twice while the agent trains; the task
+        of an agent that restarts then fails with `TaskLost`.
     :param secret: a secret every agent must prove it knows (and the site proves back), or a
         mapping from agent id to its own secret; an agent id missing from it is refused.
     :param limits: the largest frames the site accepts from an agent.
@@ -99,6 +103,7 @@ class FlareSite:
         reconnect_timeout: float = 60.0,
         hello_timeout: float = 10.0,
         close_timeout: float = 5.0,
+        keep_task_data: bool = True,
         secret: bytes | str | Mapping[str, bytes | str] | None = None,
         limits: Limits | None = None,
         on_log: Callable[[LogRecord], object] | None = None,
@@ -108,7 +113,9 @@ class FlareSite:
             raise ValueError(f"site_name must be a non-empty str, got {site_name!r}")
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
-        self._config = SiteConfig(site_name, job_id, heartbeat_interval, heartbeat_timeout)
+        self._config = SiteConfig(
+            site_name, job_id, heartbeat_interval, heartbeat_timeout, keep_task_data
+        )
         self._secrets: bytes | dict[str, bytes] | None
         if secret is None or isinstance(secret, (bytes, str)):
             self._secrets = as_secret(secret)
@@ -233,6 +240,8 @@ class FlareSite:
         :raises UnknownAgent: no agent with this id has connected.
         :raises AgentGone: the agent left before the result arrived.
         :raises TaskAborted: the task was aborted (`abort_task`, or a newer task).
+        :raises TaskLost: the agent restarted after it had the task, whose data the site had
+            released (``keep_task_data=False``).
         :raises TimeoutError: no result within ``timeout`` seconds (the task is aborted).
         :raises ValueError: ``task_id`` is already used for this agent.
         :raises TypeError: ``data`` or ``meta`` holds something that cannot be sent.
@@ -246,6 +255,7 @@ class FlareSite:
         check_payload(data, "data")
         session = self._session(agent_id)
         task, superseded = session.assign(task_id or uuid.uuid4().hex, task_name, meta or {}, data)
+        del data  # the session holds it now, and may release it before the result arrives
         self._finished(superseded)
         self._wake(agent_id)
         done = self._waiters[task] = anyio.Event()
@@ -399,7 +409,7 @@ class FlareSite:
             on_progress=None if self._on_progress is None else partial(self._on_progress, agent_id),
             max_handled_while_sending=_MAX_HANDLED_WHILE_SENDING,
         )
-        session.connection_made(hello, proof)
+        self._finished(session.connection_made(hello, proof))
         agent.connection = connection
         self._live_connections += 1
         self._changed.set()

@@ -32,6 +32,7 @@ EXPECTED_ALL = [
     "SyncFlareAgent",
     "Task",
     "TaskAborted",
+    "TaskLost",
     "TaskResult",
     "TransportError",
     "UnknownAgent",

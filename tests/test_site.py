@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from collections import Counter
 from functools import partial
 
 import anyio
+import numpy as np
 import pytest
 from anyio.abc import ObjectStream
 
@@ -20,6 +23,7 @@ from flare_agent_async import (
     LogRecord,
     Task,
     TaskAborted,
+    TaskLost,
     TaskResult,
     UnknownAgent,
 )
@@ -247,6 +251,60 @@ async def test_a_restarted_agent_gets_the_unfinished_task_again() -> None:
             assert await second.submit_result(TaskResult({}, {"by": "second"}))
         await first.stop()
     assert [result.data for result in results] == [{"by": "second"}]
+
+
+async def test_without_keep_task_data_a_restarted_agent_loses_its_task() -> None:
+    async with FlareSite("site-1", keep_task_data=False) as site:
+        url = await site.listen("memory://")
+        faulty = FaultyConnector(connector_for(url))
+        first = AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1", reconnect_timeout=0.01)
+        await first.start()
+        async with anyio.create_task_group() as group:
+            errors: list[Exception] = []
+
+            async def run() -> None:
+                try:
+                    await site.run_task("a1", "train", 7)
+                except TaskLost as exc:
+                    errors.append(exc)
+
+            # The first process dies with its task, right after saying it has it.
+            faulty.refuse_connections = True
+            faulty.drop_after(lambda message: isinstance(message, TaskAck))
+            group.start_soon(run)
+            assert await first.get_task(timeout=5) is not None
+            with anyio.fail_after(10):
+                while not faulty.sent["TaskAck"]:
+                    await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # the site has read the ack, and the close
+            async with AsyncFlareAgent(url, agent_id="a1", site_name="site-1") as second:
+                with anyio.fail_after(10):
+                    while not errors:
+                        await anyio.wait_all_tasks_blocked()
+                assert "restarted" in str(errors[0])
+                assert await second.get_task(timeout=0.05) is None  # nothing sent again
+        await first.stop()
+
+
+async def test_without_keep_task_data_the_site_lets_go_of_the_data_once_the_agent_has_it() -> None:
+    async with FlareSite("site-1", keep_task_data=False) as site, anyio.create_task_group() as group:
+        url = await site.listen("tcp://127.0.0.1:0")  # a wire: the agent gets arrays of its own
+        box = [{"w": np.arange(1000, dtype=np.float32)}]
+        gone = weakref.ref(box[0]["w"])
+        results: list[TaskResult] = []
+
+        async def run() -> None:
+            results.append(await site.run_task("a1", "train", box.pop()))
+
+        async with AsyncFlareAgent(url, agent_id="a1", site_name="site-1") as agent:
+            group.start_soon(run)
+            task = await agent.get_task(timeout=10)
+            assert task is not None
+            with anyio.fail_after(10):
+                while gc.collect() >= 0 and gone() is not None:
+                    await anyio.sleep(0.01)  # bounded: until the site has the agent's ack
+            assert await agent.submit_result(TaskResult({}, {"w": task.data["w"] + 1}))
+        assert float(results[0].data["w"][-1]) == 1000.0
 
 
 @pytest.mark.parametrize(

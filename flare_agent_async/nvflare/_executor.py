@@ -315,6 +315,9 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             heartbeat_interval=self.heartbeat_interval,
             heartbeat_timeout=self.heartbeat_timeout,
             reconnect_timeout=self.reconnect_timeout,
+            # A launched trainer is never started again, so nothing would resend a task: its
+            # arrays leave the client job as soon as the trainer has them.
+            keep_task_data=self.launch is None,
             secret=secret,
         )
         self._stop = anyio.Event()
@@ -434,10 +437,17 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         except BadShareable as exc:
             self.log_error(fl_ctx, f"task {task_name!r}: {exc}")
             return make_reply(FlareRC.BAD_TASK_DATA)
+        # From here the site alone holds the task's arrays, until the trainer has them (or until
+        # the result, with keep_task_data): NVFlare's task lets go of them now, and they are
+        # handed down in a box the site empties, so that no frame on the way keeps them alive.
+        # A shallow copy: the arrays themselves are not copied.
+        data = [dict(task.data) if isinstance(task.data, dict) else task.data]
+        if isinstance(task.data, dict):
+            task.data.clear()
         started = time.monotonic()
         try:
             result = self._call(
-                abort_signal, self._run_task, task_name, task.task_id, task.data, task.meta
+                abort_signal, self._run_task, task_name, task.task_id, data, task.meta
             )
         except (_Aborted, TaskAborted):
             self.log_info(fl_ctx, f"task {task_name!r} {task.task_id} aborted")
@@ -448,12 +458,6 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         except (SiteError, TimeoutError, _TrainerExited) as exc:
             self.log_error(fl_ctx, f"task {task_name!r} {task.task_id} failed: {exc}")
             return make_reply(FlareRC.EXECUTION_EXCEPTION)
-        finally:
-            # The task's arrays are done with once it ended (the site kept them until then, to
-            # send them again to an agent that reconnects): dropped from NVFlare's task here, the
-            # client job holds the result alone while NVFlare sends it on, not the task as well.
-            if isinstance(task.data, dict):
-                task.data.clear()
         elapsed_ms = (time.monotonic() - started) * 1000
         self.log_info(
             fl_ctx,
@@ -498,8 +502,10 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         return []
 
     async def _run_task(
-        self, task_name: str, task_id: str, data: Any, meta: dict[str, Any]
+        self, task_name: str, task_id: str, data: list[Any], meta: dict[str, Any]
     ) -> TaskResult:
+        """Run the task on the agent; ``data`` is a box holding the task's data, emptied when it
+        is handed to the site."""
         site = self._site
         agent_id = self.agent_id
         assert site is not None and agent_id is not None
@@ -514,7 +520,12 @@ class AgentExecutor(Executor):  # type: ignore[misc]
                     ) from exc
             try:
                 return await site.run_task(
-                    agent_id, task_name, data, meta, task_id=task_id, timeout=self.task_timeout
+                    agent_id,
+                    task_name,
+                    data.pop(),
+                    meta,
+                    task_id=task_id,
+                    timeout=self.task_timeout,
                 )
             except TimeoutError as exc:
                 raise TimeoutError(f"no result within task_timeout={self.task_timeout} s") from exc

@@ -28,6 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from ..defs import TaskResult
 from ..exceptions import (
     AgentGone,
@@ -35,6 +37,7 @@ from ..exceptions import (
     RemoteProtocolError,
     SiteError,
     TaskAborted,
+    TaskLost,
 )
 from ._messages import (
     PROTOCOL_VERSION,
@@ -73,6 +76,10 @@ class SiteConfig:
     job_id: str | None = None
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 30.0
+    #: Keep each task's data until its result, to send it again to an agent that restarts; if
+    #: False, it is released once the agent acknowledged the task, and the task of an agent that
+    #: restarts fails with `TaskLost`.
+    keep_task_data: bool = True
 
 
 def check_hello(hello: Hello, config: SiteConfig) -> str | None:
@@ -104,6 +111,7 @@ class SiteTask:
     agent_id: str
     message: TaskAssign
     acked: bool = False
+    released: bool = False  # the data was dropped once the agent had it (keep_task_data=False)
     result: TaskResult | None = None
     error: BaseException | None = None
 
@@ -171,10 +179,12 @@ class SiteSession:
 
     # -- connections ------------------------------------------------------------------------------
 
-    def connection_made(self, hello: Hello, proof: bytes = b"") -> None:
+    def connection_made(self, hello: Hello, proof: bytes = b"") -> list[SiteTask]:
         """The agent (re)connected with an accepted hello: welcome it and resend what it lacks.
 
         ``proof`` is the site's `site_proof` when the agent authenticated with a shared secret.
+        Returns the tasks that fail because the agent restarted after the site released their
+        data (``keep_task_data=False``).
 
         :raises LocalProtocolError: the session is gone; make a new one for the agent.
         """
@@ -194,10 +204,21 @@ class SiteSession:
             )
         ]
         self._outbox.extend(Abort(task_id=task_id) for task_id in self._recent_aborts)
-        for task in self._tasks.values():
-            if restarted or not task.acked:
+        lost = []
+        for task in list(self._tasks.values()):
+            if task.released and restarted:
+                self._finish(
+                    task,
+                    error=TaskLost(
+                        f"agent {self.agent_id!r} restarted after it "
+                        f"received task {task.task_id!r}, whose data the site no longer keeps"
+                    ),
+                )
+                lost.append(task)
+            elif restarted or not task.acked:
                 task.acked = False
                 self._outbox.append(task.message)
+        return lost
 
     def connection_lost(self) -> None:
         if self.state is SessionState.CONNECTED:
@@ -301,6 +322,10 @@ class SiteSession:
             task = self._tasks.get(message.task_id)
             if task is not None:
                 task.acked = True
+                if not self.config.keep_task_data and not task.released:
+                    # The agent has the data: what stays here is all a resend would need.
+                    task.message = msgspec.structs.replace(task.message, data=None)
+                    task.released = True
             return []
         if isinstance(message, Heartbeat):
             self._outbox.append(Heartbeat())

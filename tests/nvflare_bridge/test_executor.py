@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -264,6 +267,50 @@ def test_what_a_launched_trainer_starts_in_a_session_of_its_own_is_reaped_at_end
     while Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes():
         assert time.monotonic() < deadline, f"the trainer's child {pid} outlived the run"
         time.sleep(0.05)
+
+
+def test_a_launched_trainers_task_leaves_the_client_job_once_the_trainer_has_it(
+    fl_ctx: FLContext, tmp_path: Path
+) -> None:
+    # While the trainer works, the client job holds none of the task's arrays: a launched
+    # trainer is never started again, so nothing would send it the task a second time.
+    got, go = tmp_path / "got", tmp_path / "go"
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import os, pathlib, time\n"
+        "from flare_agent_async import SyncFlareAgent, TaskResult\n"
+        "env = os.environ\n"
+        "with SyncFlareAgent(env['FLARE_AGENT_URL'], agent_id=env['FLARE_AGENT_ID'],\n"
+        "                    site_name=env['FLARE_AGENT_SITE_NAME']) as agent:\n"
+        "    task = agent.get_task(timeout=60)\n"
+        f"    pathlib.Path({str(got)!r}).touch()\n"
+        "    deadline = time.monotonic() + 60\n"
+        f"    while not pathlib.Path({str(go)!r}).exists() and time.monotonic() < deadline:\n"
+        "        time.sleep(0.02)\n"
+        "    agent.submit_result(TaskResult({}, task.data))\n"
+    )
+    executor = AgentExecutor(launch=f"{sys.executable} {script}", agent_connect_timeout=60)
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    try:
+        shareable = task_shareable({"w": np.arange(4, dtype=np.float32)})
+        weights = weakref.ref(from_shareable(shareable).data["w"])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(executor.execute, "train", shareable, fl_ctx, Signal())
+            deadline = time.monotonic() + 60
+            while not got.exists():
+                assert time.monotonic() < deadline, "the trainer never got its task"
+                assert not reply.done(), reply.result()
+                time.sleep(0.02)
+            deadline = time.monotonic() + 10
+            while gc.collect() >= 0 and weights() is not None:
+                assert time.monotonic() < deadline, "the client job still holds the task's arrays"
+                time.sleep(0.02)
+            go.touch()
+            result = reply.result(timeout=60)
+    finally:
+        executor.handle_event(EventType.END_RUN, fl_ctx)
+    assert result.get_return_code() == ReturnCode.OK
+    np.testing.assert_array_equal(from_shareable(result).data["w"], np.arange(4))
 
 
 def test_a_site_that_cannot_listen_panics_the_run(fl_ctx: FLContext) -> None:

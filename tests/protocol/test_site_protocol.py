@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -16,6 +17,7 @@ from flare_agent_async.exceptions import (
     CallStateError,
     ProtocolError,
     RemoteProtocolError,
+    TaskLost,
 )
 from flare_agent_async.exceptions import TaskAborted as TaskAbortedError
 from flare_agent_async.protocol import (
@@ -80,8 +82,8 @@ WELCOME = Welcome(
 )
 
 
-def connected_session(instance_id: str = "instance-1") -> SiteSession:
-    session = SiteSession(AGENT_ID, CONFIG)
+def connected_session(instance_id: str = "instance-1", config: SiteConfig = CONFIG) -> SiteSession:
+    session = SiteSession(AGENT_ID, config)
     session.connection_made(hello(instance_id=instance_id))
     assert session.data_to_send() == [WELCOME]
     return session
@@ -456,6 +458,33 @@ def test_reconnect_resends_unacked_tasks_and_restart_resends_all(
     assert session.data_to_send() == expected
     assert session.instance_id == instance_id
     assert task.acked is (acked and not resent)
+
+
+def test_without_keep_task_data_the_data_goes_once_acked_and_a_restart_loses_the_task() -> None:
+    config = dataclasses.replace(CONFIG, keep_task_data=False)
+    session = connected_session(config=config)
+    task = assign(session, "t1", data={"w": [1, 2]})
+    assert session.data_to_send() == [task.message]
+    assert task.message.data == {"w": [1, 2]}  # until the agent says it has the task
+    session.receive(TaskAck(task_id="t1"))
+    assert task.message.data is None and task.message.task_id == "t1"
+    # A reconnect of the same process needs nothing sent again: the task stays.
+    session.connection_lost()
+    assert session.connection_made(hello(instance_id="instance-1")) == []
+    assert session.data_to_send() == [WELCOME]
+    # A restart cannot be sent the task again: it fails, and its late result is refused.
+    session.connection_lost()
+    assert session.connection_made(hello(instance_id="instance-2")) == [task]
+    assert isinstance(task.error, TaskLost) and "restarted" in str(task.error)
+    assert session.data_to_send() == [WELCOME]
+    assert session.unfinished == 0
+    events = session.receive(result("t1"))
+    assert [type(event) for event in events] == [ResultRefused]
+    # An unacknowledged task still has its data, and is sent to the restarted agent.
+    fresh = assign(session, "t2")
+    session.connection_lost()
+    assert session.connection_made(hello(instance_id="instance-3")) == []
+    assert session.data_to_send() == [WELCOME, fresh.message]
 
 
 def test_reconnect_drops_unsent_messages() -> None:

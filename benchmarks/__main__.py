@@ -1,6 +1,6 @@
 """The benchmark suite: us, NVFlare's IPCAgent and the physical floor, measured in one run.
 
-    python -m benchmarks                 # the full run (about 10 minutes on 2 cores)
+    python -m benchmarks                 # the full run (about 11 minutes on 2 cores)
     python -m benchmarks --quick         # every scenario, tiny sizes (under a minute)
     python -m benchmarks --large         # adds 1 GiB models and 10,000 agents
     python -m benchmarks --report        # also writes docs/benchmarks.md and docs/img/*.png
@@ -9,7 +9,10 @@
 Scenarios: latency (small task round trips per transport, event loop and agent kind), throughput
 (a model out and back per size and transport), scale (many agents on one site), floor (raw
 sockets, anyio streams and a bare portal call on the same machine, in the same run), nvflare (the
-same latency and throughput with NVFlare's IPCAgent; skipped when nvflare is not installed).
+same latency and throughput with NVFlare's IPCAgent; skipped when nvflare is not installed), job
+(one FedAvg job in NVFlare's simulator, its trainer on NVFlare's Client API, in and out of
+process, on our agent and on our Client API: time per task and round, each process's peak RSS;
+skipped without nvflare).
 Each figure is the median of repeated runs, with its spread, and every process reports its peak
 RSS and CPU seconds.
 """
@@ -32,10 +35,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchmarks import latency, nvflare_ipc, report, scale, throughput
+from benchmarks import job, latency, nvflare_ipc, report, scale, throughput
 from benchmarks._harness import ROOT, ChildFailed, available_backends
 
-SCENARIOS = ("latency", "throughput", "scale", "floor", "nvflare")
+SCENARIOS = ("latency", "throughput", "scale", "floor", "nvflare", "job")
 
 
 @dataclass
@@ -56,6 +59,10 @@ class Plan:
     rounds: int = 3
     nvflare_tasks: int = 20
     nvflare_sizes_mib: tuple[float, ...] = (1, 64, 512)
+    job_setups: tuple[str, ...] = tuple(job.SETUPS)
+    job_sizes: tuple[tuple[float, int], ...] = ((job.TINY_MIB, 6), (64, 4), (512, 3))
+    """The job scenario's models, as (MiB, rounds); the tiny one first, the others' baseline."""
+    job_request_interval_s: float | None = None  # None: NVFlare's default (2 s)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -75,6 +82,9 @@ class Plan:
             rounds=1,
             nvflare_tasks=3,
             nvflare_sizes_mib=(1,),
+            job_setups=("C", "D"),  # A and B, NVFlare's own, would add about 20 s each
+            job_sizes=((job.TINY_MIB, 2),),
+            job_request_interval_s=0.05,
         )
 
     def available(self) -> None:
@@ -87,6 +97,7 @@ class Plan:
         """``--large``: 1 GiB models, 10,000 agents."""
         self.sizes_mib = (*self.sizes_mib, 1024)
         self.nvflare_sizes_mib = (*self.nvflare_sizes_mib, 1024)
+        self.job_sizes = (*self.job_sizes, (1024, 3))
         self.agents = (*self.agents, 10_000)
 
 
@@ -167,6 +178,15 @@ def steps(plan: Plan, only: set[str]) -> Iterator[Step]:
                     **nvflare_ipc.throughput(m, plan.throughput_repeats),
                 },
             )
+    if "job" in only and job.unavailable() is None:
+        series = job.Series(plan.job_request_interval_s)
+        for mib, rounds in plan.job_sizes:
+            for setup in plan.job_setups:  # every setup at one size, then the next: noise spreads
+                yield (
+                    "job",
+                    f"NVFlare job, {job.size_name(mib)}, {setup}: {job.SETUPS[setup]}",
+                    lambda s=setup, m=mib, r=rounds: series.measure(s, m, r),
+                )
 
 
 def _version(distribution: str) -> str | None:
@@ -207,9 +227,10 @@ def run(plan: Plan, only: set[str], console: Console) -> dict[str, Any]:
     }
     for scenario in SCENARIOS:
         figures[scenario] = [] if scenario in only else None
-    if "nvflare" in only and (reason := nvflare_ipc.unavailable()) is not None:
-        console.print(f"[yellow]nvflare scenario skipped:[/] {reason}")
-        figures["nvflare"] = {"skipped": reason}
+    for scenario, unavailable in (("nvflare", nvflare_ipc.unavailable), ("job", job.unavailable)):
+        if scenario in only and (reason := unavailable()) is not None:
+            console.print(f"[yellow]{scenario} scenario skipped:[/] {reason}")
+            figures[scenario] = {"skipped": reason}
     todo = list(steps(plan, only))
     started = time.perf_counter()
     columns = (
@@ -256,9 +277,25 @@ def summarise(scenario: str, row: dict[str, Any]) -> str:
             f"idle {row['idle_cpu_percent']:.2f}% CPU, "
             f"all tasks in {row['dispatch_s']['median']:.3f} s"
         )
+    if scenario == "job":
+        memory = f"CJ {_peak(row['client_job'])}, trainer {_peak(row['trainer'])}"
+        return (
+            f"dispatch to result {row['dispatch_to_result_ms']['median']:.0f} ms, "
+            f"execute() {row['execute_ms']['median']:.0f} ms, {memory}, "
+            f"{row['wall_s']:.0f} s, "
+            + ("ok" if row["ok"] else "NOT OK: " + "; ".join(row["problems"]))
+        )
     if row.get("kind") == "latency":
         return f"{row['task_us']['median'] / 1000:.1f} ms per task"
     return f"{row['gbytes_per_s']:.2f} GB/s, agent RSS {row['agent_rss_x']:.2f}x"
+
+
+def _peak(process: dict[str, Any] | None) -> str:
+    """A job process's peak RSS, and its growth over the model when known."""
+    if process is None:
+        return "none"
+    growth = process["growth_x"]
+    return f"{process['peak_rss_mib']:.0f} MiB" + ("" if growth is None else f" ({growth:.2f}x)")
 
 
 def _terminate(signum: int, frame: object) -> None:

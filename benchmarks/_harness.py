@@ -123,6 +123,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
     _PRCTL(1, signal.SIGKILL)
 
 
+def start_process(command: Sequence[str], **options: Any) -> subprocess.Popen[Any]:
+    """Start ``command`` in a session and process group of its own (so that killing the group
+    takes its children with it) that is killed when the runner dies; ``options`` go to Popen."""
+    return subprocess.Popen(
+        command,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if _PRCTL is not None else None,
+        **options,
+    )
+
+
 class Child:
     """One benchmark process: its JSON records as they arrive, its exit checked.
 
@@ -133,14 +144,12 @@ class Child:
 
     def __init__(self, module: str, role: str, *args: str, env: dict[str, str] | None = None):
         self.name = f"{module} {role}"
-        self.process = subprocess.Popen(
+        self.process = start_process(
             [sys.executable, "-m", f"benchmarks.{module}", "--role", role, *args],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
             env={**os.environ, **(env or {})},
-            start_new_session=True,
-            preexec_fn=_die_with_parent if _PRCTL is not None else None,
         )
         self.records: dict[str, Any] = {}
         self._lines: queue.Queue[str | None] = queue.Queue()

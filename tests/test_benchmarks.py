@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks import job, report
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,7 +32,7 @@ def run_benchmarks(*args: str, timeout: float) -> subprocess.CompletedProcess[st
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("bench") / "quick.json"
-    done = run_benchmarks("--quick", "--json", str(path), timeout=170)
+    done = run_benchmarks("--quick", "--json", str(path), timeout=230)
     assert done.returncode == 0, done.stderr[-3000:]
     figures: dict[str, Any] = json.loads(path.read_text())
     figures["stdout"] = done.stdout
@@ -67,6 +69,12 @@ def test_every_scenario_is_measured(quick: dict[str, Any]) -> None:
         assert "nvflare" in quick["nvflare"]["skipped"]
     else:
         assert {r["kind"] for r in quick["nvflare"]} == {"latency", "throughput"}
+    if isinstance(quick["job"], dict):
+        assert "nvflare" in quick["job"]["skipped"]
+    else:  # every setup at a size, then the next size
+        assert [(r["setup"], r["mib"]) for r in quick["job"]] == [
+            (setup, mib) for mib, _ in plan["job_sizes"] for setup in plan["job_setups"]
+        ]
 
 
 def test_the_figures_are_sane(quick: dict[str, Any]) -> None:
@@ -91,10 +99,20 @@ def test_the_figures_are_sane(quick: dict[str, Any]) -> None:
             assert positive(
                 row["gbytes_per_s"] if row["kind"] == "throughput" else row["tasks_per_s"]
             )
+    for row in quick["job"] if isinstance(quick["job"], list) else []:
+        for figure in ("dispatch_to_result_ms", "execute_ms", "round_ms"):
+            spread = row[figure]
+            assert 0 < spread["min"] <= spread["median"] <= spread["max"] < 60e3, (figure, row)
+        assert row["verdict"]["ok"] and row["ok"], row["problems"]
+        assert row["leftovers"] == [] and row["error_logs"] == {}
+        for process in ("client_job", "trainer"):  # C and D: the trainer is a process
+            assert 10 < row[process]["peak_rss_mib"] < 4096, row
     assert quick["targets"] and all(
         set(t) == {"target", "measured", "met"} for t in quick["targets"]
     )
     assert "### Targets" in quick["stdout"]
+    if isinstance(quick["job"], list):
+        assert "### Inside an NVFlare job" in quick["stdout"]
 
 
 def test_a_report_is_written_from_saved_figures(quick: dict[str, Any], tmp_path: Path) -> None:
@@ -108,6 +126,87 @@ def test_a_report_is_written_from_saved_figures(quick: dict[str, Any], tmp_path:
     page = (tmp_path / "benchmarks.md").read_text()
     assert quick["environment"]["date"] in page
     assert "| target | measured | met |" in page
+    assert "## Inside an NVFlare job" in page
+    if isinstance(quick["job"], list):
+        assert "| model | setup | dispatch to result, ms |" in page
+        assert page.count("| 1 KiB | ") == len(quick["job"])
     for image in ("latency.png", "throughput.png", "memory.png", "scale.png"):
         assert (tmp_path / "img" / image).read_bytes().startswith(b"\x89PNG"), image
         assert f"img/{image}" in page
+
+
+def _job_row(
+    setup: str, mib: float, dispatch_ms: float, cj_mib: float, trainer_mib: float | None
+) -> dict[str, Any]:
+    model_bytes = int(mib * 2**20)
+    return {
+        "setup": setup,
+        "setup_name": job.SETUPS[setup],
+        "mib": mib,
+        "model_bytes": model_bytes,
+        "dispatch_to_result_ms": {"median": dispatch_ms, "min": dispatch_ms, "max": dispatch_ms},
+        "execute_ms": {"median": 1.0, "min": 1.0, "max": 1.0},
+        "round_ms": {"median": 2000.0, "min": 2000.0, "max": 2000.0},
+        "client_job": {"peak_rss_mib": cj_mib, "growth_x": None},
+        "trainer": None if trainer_mib is None else {"peak_rss_mib": trainer_mib, "growth_x": None},
+        "wall_s": 20.0,
+        "ok": True,
+        "problems": [],
+    }
+
+
+def test_a_jobs_memory_grows_from_its_setups_tiny_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    peaks = {("C", job.TINY_MIB): (100, 40), ("C", 64): (228, 120), ("B", 64): (300, None)}
+    monkeypatch.setattr(
+        job,
+        "run",
+        lambda setup, mib, rounds, interval: _job_row(setup, mib, 10, *peaks[setup, mib]),
+    )
+    series = job.Series()
+    assert series.measure("C", job.TINY_MIB, 6)["client_job"]["growth_x"] is None
+    grown = series.measure("C", 64, 4)
+    assert grown["client_job"]["growth_x"] == pytest.approx(2.0)
+    assert grown["trainer"]["growth_x"] == pytest.approx(1.25)
+    alone = series.measure("B", 64, 4)  # no tiny run of B came first: no baseline
+    assert alone["client_job"]["growth_x"] is None and alone["trainer"] is None
+
+
+def test_the_job_targets_compare_ours_with_nvflares_external_process() -> None:
+    tiny, big = job.TINY_MIB, 64
+    rows = [
+        _job_row("A", tiny, 40, 100, 90),
+        _job_row("C", tiny, 30, 100, 40),
+        _job_row("D", tiny, 50, 100, 40),
+        _job_row("A", big, 600, 130, 500),
+        _job_row("C", big, 400, 300, 130),
+        _job_row("D", big, 500, 500, 200),
+    ]
+    rows[4]["client_job"]["growth_x"], rows[4]["trainer"]["growth_x"] = 1.5, 1.2
+    rows[5]["client_job"]["growth_x"], rows[5]["trainer"]["growth_x"] = 3.0, 2.5
+    figures: dict[str, Any] = {"plan": {"backends": []}, "job": rows}
+    report.check_targets(figures)
+    met = {t["target"]: t["met"] for t in figures["targets"]}
+    assert met == {
+        "dispatch to result no worse than A's (job, 1 KiB, C)": True,
+        "dispatch to result no worse than A's (job, 1 KiB, D)": False,
+        "CJ peak RSS growth at most 2x the model (job, 64 MiB, C)": True,
+        "echo trainer's peak RSS growth at most 1.3x the model (job, 64 MiB, C)": True,
+        "the whole client (CJ + trainer peaks) below NVFlare's external process (A) "
+        "(job, 64 MiB, C)": True,
+        "dispatch to result at most 0.8x A's (job, 64 MiB, C)": True,
+        "CJ peak RSS growth at most 2x the model (job, 64 MiB, D)": False,
+        "echo trainer's peak RSS growth at most 1.3x the model (job, 64 MiB, D)": False,
+        "the whole client (CJ + trainer peaks) below NVFlare's external process (A) "
+        "(job, 64 MiB, D)": False,
+        "dispatch to result at most 0.8x A's (job, 64 MiB, D)": False,
+    }
+    page = report.misses(figures)  # each missed target is explained
+    for kind in (
+        "CJ peak RSS growth",
+        "echo trainer's peak RSS growth",
+        "the whole client",
+        "dispatch to result at most",
+        "dispatch to result no worse",
+    ):
+        assert report._WHY[kind].strip() in page
+    assert "| 64 MiB | D: AgentExecutor, our Client API |" in report.job_table(figures)

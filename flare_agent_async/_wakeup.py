@@ -10,7 +10,7 @@ __all__ = ["Wakeup"]
 
 
 class Wakeup:
-    """Tasks ``await wait()`` for the next change, and callbacks wait through `call_on_set`;
+    """Tasks ``await wait()`` for the next change, and callbacks wait through `call_until`;
     `set` wakes them all.
 
     An `anyio.Event` is made only when a task waits, so `set` costs an attribute read when
@@ -22,7 +22,7 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._event: anyio.Event | None = None
-        self._callbacks: list[Callable[[], object]] = []
+        self._callbacks: list[Callable[[], bool]] = []
 
     async def wait(self) -> None:
         """Wait for the next `set`."""
@@ -30,8 +30,8 @@ class Wakeup:
             self._event = anyio.Event()
         await self._event.wait()
 
-    def call_on_set(self, callback: Callable[[], object]) -> None:
-        """Call ``callback()`` at the next `set`, once."""
+    def call_until(self, callback: Callable[[], bool]) -> None:
+        """Call ``callback()`` at every `set` until it returns True."""
         self._callbacks.append(callback)
 
     def set(self) -> None:
@@ -41,5 +41,4 @@ class Wakeup:
             event.set()
         if self._callbacks:
             callbacks, self._callbacks = self._callbacks, []
-            for callback in callbacks:
-                callback()
+            self._callbacks.extend(callback for callback in callbacks if not callback())

@@ -307,13 +307,14 @@ class AsyncFlareAgent:
         answered (at once when the result is not sent). Raises as `submit_result`."""
         submission = self._submit(result)
 
-        def settle() -> None:
+        def settle() -> bool:  # no reference to itself: no cycle to keep the result alive
             if submission is not None and submission.accepted is None:
-                self._changed.call_on_set(settle)
-            else:
-                on_settled(_verdict(submission))
+                return False
+            on_settled(_verdict(submission))
+            return True
 
-        settle()
+        if not settle():
+            self._changed.call_until(settle)
 
     def _submit(self, result: TaskResult) -> Submission | None:
         """Queue the current task's result; None if it is not sent (aborted, or agent closed)."""

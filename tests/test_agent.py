@@ -3,7 +3,11 @@ abort scopes, faults injected inside its event loop, reconnects and shutdown rac
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import anyio
+import numpy as np
 import pytest
 from conftest import assign
 
@@ -344,6 +348,39 @@ async def test_submit_result_nowait_gives_the_sites_verdict_to_its_callback() ->
         await peer.receive_until(stream, Result)
         await agent.stop()
         assert verdicts == [True, False, False, False]
+
+
+async def test_a_settled_result_is_not_kept_alive() -> None:
+    # Models are large and do not set off the cyclic collector: a reference cycle around a
+    # submission would keep every result of a training loop alive.
+    async with ScriptedPeer() as peer, anyio.create_task_group() as group:
+        agent = AsyncFlareAgent(peer.url, agent_id="a1", site_name="site-1")
+        stream = await peer.start_agent(agent, group)
+        gc.disable()
+        try:
+            for task_id, nowait in (("t1", True), ("t2", False)):
+                await stream.send(assign(task_id))
+                assert await agent.get_task(timeout=5) is not None
+                weights = np.arange(10, dtype=np.float32)
+                alive = weakref.ref(weights)
+                result = TaskResult({}, {"w": weights})
+                del weights
+                settled = anyio.Event()
+                if nowait:
+                    agent.submit_result_nowait(result, lambda kept, s=settled: s.set())
+                else:
+                    group.start_soon(agent.submit_result, result)
+                del result
+                await peer.receive_until(stream, Result)
+                await stream.send(ResultAck(task_id=task_id, accepted=True))
+                if nowait:
+                    with anyio.fail_after(5):
+                        await settled.wait()
+                await anyio.wait_all_tasks_blocked()  # submit_result has returned
+                assert alive() is None, f"the result of {task_id} is kept alive"
+        finally:
+            gc.enable()
+        await agent.stop()
 
 
 async def test_failure_says_why_an_agent_closed_when_the_site_is_gone() -> None:

@@ -204,6 +204,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self._engine: Any = None  # NVFlare's engine, for the analytics events of log records
         self._host_future: concurrent.futures.Future[None] | None = None
         self._site: FlareSite | None = None
+        self._sent_result: dict[str, Any] | None = None  # the arrays of the result NVFlare sends
         self._stop: anyio.Event | None = None
         self._trainer_exit: anyio.Event | None = None
         self._launch_mark: str | None = None
@@ -213,8 +214,15 @@ class AgentExecutor(Executor):  # type: ignore[misc]
     # -- NVFlare events -------------------------------------------------------------------------
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        """Start the site at ``START_RUN``; say goodbye and stop it at ``END_RUN``."""
-        if event_type == EventType.START_RUN:
+        """Start the site at ``START_RUN``; say goodbye and stop it at ``END_RUN``; let go of a
+        result's arrays once NVFlare has sent it (``AFTER_SEND_TASK_RESULT``)."""
+        if event_type == EventType.AFTER_SEND_TASK_RESULT:
+            # The server has the result (NVFlare fires this once the send is over, retries
+            # included): the client job need not hold it while the next task comes in.
+            if self._sent_result is not None:
+                self._sent_result.clear()
+                self._sent_result = None
+        elif event_type == EventType.START_RUN:
             try:
                 self._start(fl_ctx)
             except Exception as exc:
@@ -464,6 +472,8 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             f"task {task_name!r} {task.task_id}: {result.return_code} from agent "
             f"{self.agent_id!r} in {elapsed_ms:.1f} ms",
         )
+        if isinstance(result.data, dict):
+            self._sent_result = result.data  # the reply's DXO holds this very dict
         return result_to_shareable(result, task.app_defined)
 
     def _call(self, abort_signal: Signal, function: Callable[..., Awaitable[T]], *args: Any) -> T:

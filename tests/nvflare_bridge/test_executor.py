@@ -146,8 +146,11 @@ async def test_a_task_runs_on_the_agent_and_end_run_says_goodbye(
     assert dxo.data_kind == DataKind.WEIGHTS
     assert dxo.meta == {"NUM_STEPS_CURRENT_ROUND": 5}
     np.testing.assert_array_equal(dxo.data["w"], np.full(3, 2, dtype=np.float32))
-    # The task's arrays are let go once the task ended: the client job holds the result only.
+    # The task's arrays are let go once the task ended: the client job holds the result only,
+    # and that until NVFlare has sent it.
     assert from_shareable(shareable).data == {}
+    executor.handle_event(EventType.AFTER_SEND_TASK_RESULT, fl_ctx)
+    assert from_shareable(reply).data == {}
 
 
 async def test_nvflare_abort_aborts_a_fetched_task_and_an_unfetched_one_does_not_wedge_the_agent(

@@ -716,24 +716,21 @@ Peak RSS counts every page a process touched during the transfers, including the
 buffers.""",
     "CJ peak RSS growth": """
 In a job the client job (CJ) takes the task from the server and sends the result back on
-NVFlare's own messaging: NVFlare decodes the task's model in the CJ, and serializes the result
-there to send it. NVFlare's Client API in process (B), which hands its trainer the very arrays it
-received, costs the CJ about as much as ours (C, D). Sampled every 20 ms, the CJ's RSS rises while
-NVFlare takes the task in and again while it sends the result, and falls in between, as
-`AgentExecutor` lets go of the task's arrays once the trainer has them. Much of the rest is memory
-freed in the CJ and kept by the C allocator: with glibc's mmap threshold fixed at 1 MiB
-(`MALLOC_MMAP_THRESHOLD_=1048576`) the CJ's growth at 64 MiB fell from about 4.5x to 2.7x for B
-and D alike, at the cost of much slower transfers. NVFlare's external process (A) keeps its CJ
-small because the CJ forwards the task as a reference (NVFlare's pass-through) and its trainer
-downloads the model from the server itself: there the trainer pays instead.""",
+NVFlare's own messaging. `AgentExecutor` lets go of the task's arrays once the trainer has them
+and of the result's once NVFlare has sent it, so between rounds the CJ holds no model; its peak
+comes while NVFlare sends the result, which it serializes into chunks of its own (`np.savez` per
+array) next to the result's arrays. Sampled every 50 ms in one 512 MiB run (C), the CJ's RSS was
+678 MiB when NVFlare began sending the result, 1,289 MiB when it finished and 263 MiB once the
+executor let go. NVFlare's Client API in process (B) costs the CJ about as much as ours. At
+64 MiB much of the growth is memory freed in the CJ and kept by the C allocator: with glibc's
+mmap threshold fixed at 1 MiB (`MALLOC_MMAP_THRESHOLD_=1048576`) the CJ's growth at 64 MiB fell
+from about 4.5x to 2.7x for B and D alike, at the cost of much slower transfers. NVFlare's
+external process (A) keeps its CJ small because the CJ forwards the task as a reference
+(NVFlare's pass-through) and its trainer downloads the model from the server itself: there the
+trainer pays instead.""",
     "echo trainer's peak RSS growth": """
 An echo trainer needs the model it received (1.00x); anything above that is what its library
-holds while the result goes back. Our Client API's trainer (D) stays at 1.00x. When this was
-written, `SyncFlareAgent.submit_result` (C) left each result in a reference cycle (the callback
-`settle` in `AsyncFlareAgent.submit_result_nowait` refers to itself) that only Python's cycle
-collector frees; large arrays do not set the collector off and an echo loop allocates too little
-to, so the trainer kept one more model per task. A `gc.collect()` after each task, or the async
-agent, kept it at 1.00x.""",
+holds while the result goes back.""",
     "the whole client": """
 The whole client is the CJ's peak and the trainer's added. A's CJ never holds the model (it
 forwards a reference, above), so A's whole client is about its trainer's; ours holds the model in

@@ -59,6 +59,8 @@ class Plan:
     rounds: int = 3
     nvflare_tasks: int = 20
     nvflare_sizes_mib: tuple[float, ...] = (1, 64, 512)
+    single_array_mib: float | None = None  # one array this large out and back (--large)
+    single_array_repeats: int = 3
     job_setups: tuple[str, ...] = tuple(job.SETUPS)
     job_sizes: tuple[tuple[float, int], ...] = ((job.TINY_MIB, 6), (64, 4), (512, 3))
     """The job scenario's models, as (MiB, rounds); the tiny one first, the others' baseline."""
@@ -97,6 +99,7 @@ class Plan:
         """``--large``: 1 GiB models, 10,000 agents."""
         self.sizes_mib = (*self.sizes_mib, 1024)
         self.nvflare_sizes_mib = (*self.nvflare_sizes_mib, 1024)
+        self.single_array_mib = 2560  # past 2 GiB: no 2 GiB limit anywhere
         self.job_sizes = (*self.job_sizes, (1024, 3))
         self.agents = (*self.agents, 10_000)
 
@@ -131,6 +134,14 @@ def steps(plan: Plan, only: set[str]) -> Iterator[Step]:
                         f"{mib:g} MiB out and back over raw {transport} sockets",
                         lambda t=transport, m=mib: throughput.floor(t, m, plan.throughput_repeats),
                     )
+                if plan.single_array_mib:
+                    yield (
+                        "floor",
+                        f"{plan.single_array_mib:g} MiB out and back over raw {transport} sockets",
+                        lambda t=transport, m=plan.single_array_mib: throughput.floor(
+                            t, m, plan.single_array_repeats
+                        ),
+                    )
     if "latency" in only:
         for backend in plan.backends:
             for transport in plan.transports:
@@ -152,6 +163,15 @@ def steps(plan: Plan, only: set[str]) -> Iterator[Step]:
                         f"{mib:g} MiB out and back, {transport}, {backend}",
                         lambda t=transport, b=backend, m=mib: throughput.ours(
                             t, b, m, plan.throughput_repeats
+                        ),
+                    )
+                if plan.single_array_mib and backend in plan.scale_backends:
+                    yield (
+                        "throughput",
+                        f"one {plan.single_array_mib:g} MiB array out and back, {transport}, "
+                        f"{backend}",
+                        lambda t=transport, b=backend, m=plan.single_array_mib: throughput.ours(
+                            t, b, m, plan.single_array_repeats, arrays=1
                         ),
                     )
     if "scale" in only:

@@ -48,13 +48,14 @@ TRANSPORTS = ("tcp", "unix", "tls")
 # -- ours, one process per side -------------------------------------------------------------------
 
 
-async def _site(url: str, mib: float, repeats: int, folder: str) -> None:
+async def _site(url: str, mib: float, repeats: int, folder: str, arrays: int) -> None:
     from flare_agent_async import FlareSite
 
     async with FlareSite("bench", heartbeat_interval=5, heartbeat_timeout=120) as site:
         emit(url=await site.listen(url, **site_options(url, folder)))
         await site.wait_for_agent("agent", timeout=60)
-        data = payload(mib)
+        data = payload(mib, arrays)
+        last = f"layer{arrays - 1}"
         await site.run_task("agent", "echo", data)  # a warm-up, as the floor has one
         seconds, growth = [], []
         for _ in range(repeats):
@@ -64,7 +65,7 @@ async def _site(url: str, mib: float, repeats: int, folder: str) -> None:
             result = await site.run_task("agent", "echo", data)
             seconds.append(time.perf_counter() - started)
             growth.append(peak_rss_bytes() - before)
-            if not np.array_equal(result.data["layer7"][-10:], data["layer7"][-10:]):
+            if not np.array_equal(result.data[last][-10:], data[last][-10:]):
                 raise AssertionError("the model came back changed")
             del result
     emit(seconds=seconds, rss_growth=statistics.median(growth))
@@ -165,6 +166,7 @@ def _row(
     mib: float,
     site: dict[str, Any],
     agent: dict[str, Any],
+    arrays: int,
 ) -> dict[str, Any]:
     payload_bytes = mib * 2**20
     seconds = spread(site["seconds"])
@@ -173,6 +175,7 @@ def _row(
         "transport": transport,
         "backend": backend,
         "mib": mib,
+        "arrays": arrays,
         "seconds": seconds,
         "gbytes_per_s": 2 * payload_bytes / seconds["median"] / 1e9,
         "site_rss_x": site["rss_growth"] / payload_bytes,
@@ -192,26 +195,35 @@ def floor(transport: str, mib: float, repeats: int) -> dict[str, Any]:
             common = ("--mib", str(mib), "--repeats", str(repeats), "--folder", folder)
             with Child("throughput", "floor-client", "--address", str(bound), *common) as client:
                 site, agent = finish_together([client, echo])
-    return _row("floor", transport, "blocking", mib, site, agent)
+    return _row("floor", transport, "blocking", mib, site, agent, 1)
 
 
-def ours(transport: str, backend: str, mib: float, repeats: int) -> dict[str, Any]:
-    """Our site and agent, one process each, one model out and back ``repeats`` times."""
+def ours(transport: str, backend: str, mib: float, repeats: int, arrays: int = 8) -> dict[str, Any]:
+    """Our site and agent, one process each, one model of ``arrays`` arrays out and back
+    ``repeats`` times."""
     with tempfile.TemporaryDirectory(prefix="flare-bench-") as folder:
         common = ("--backend", backend, "--folder", folder)
-        sizes = ("--mib", str(mib), "--repeats", str(repeats))
+        sizes = ("--mib", str(mib), "--repeats", str(repeats), "--arrays", str(arrays))
         site, agent = site_and_agent(
             "throughput", ("--url", site_url(transport, folder), *common, *sizes), "agent", common
         )
-    return _row("flare_agent_async", transport, backend, mib, site, agent)
+    return _row("flare_agent_async", transport, backend, mib, site, agent, arrays)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = role_arguments(
-        "throughput", argv, url=str, address=str, folder=str, backend=str, mib=float, repeats=int
+        "throughput",
+        argv,
+        url=str,
+        address=str,
+        folder=str,
+        backend=str,
+        mib=float,
+        repeats=int,
+        arrays=int,
     )
     if args.role == "site":
-        run_on(args.backend, _site, args.url, args.mib, args.repeats, args.folder)
+        run_on(args.backend, _site, args.url, args.mib, args.repeats, args.folder, args.arrays)
     elif args.role == "agent":
         run_on(args.backend, _agent, args.url, args.folder)
     elif args.role == "floor-echo":

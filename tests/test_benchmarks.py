@@ -210,3 +210,34 @@ def test_the_job_targets_compare_ours_with_nvflares_external_process() -> None:
     ):
         assert report._WHY[kind].strip() in page
     assert "| 64 MiB | D: AgentExecutor, our Client API |" in report.job_table(figures)
+
+
+def test_a_large_run_sends_one_array_past_2_gib_on_every_transport() -> None:
+    from benchmarks.__main__ import Plan, steps
+
+    plan = Plan()
+    plan.enlarge()
+    described = [description for _, description, _ in steps(plan, {"floor", "throughput"})]
+    for transport in ("tcp", "unix", "tls"):
+        assert f"2560 MiB out and back over raw {transport} sockets" in described
+        for backend in ("asyncio", "trio"):
+            assert f"one 2560 MiB array out and back, {transport}, {backend}" in described
+    assert not any("2560" in d for _, d, _ in steps(Plan(), {"floor", "throughput"}))
+
+
+def test_one_array_goes_out_and_back_and_is_checked_against_the_floor() -> None:
+    from benchmarks import throughput
+
+    row = throughput.ours("tcp", "asyncio", 4, 1, arrays=1)  # the run checks the array came back
+    assert row["arrays"] == 1 and row["gbytes_per_s"] > 0
+    floor = {
+        "scenario": "floor",
+        "transport": "tcp",
+        "mib": 4,
+        "gbytes_per_s": 4 * row["gbytes_per_s"],
+    }
+    figures: dict[str, Any] = {"plan": {"backends": []}, "throughput": [row], "floor": [floor]}
+    report.check_targets(figures)
+    (target,) = [t for t in figures["targets"] if "one 4 MiB array" in t["target"]]
+    assert target["met"] is False and "25% of" in target["measured"]
+    assert "4 MiB, one array" in report.throughput_table(figures)

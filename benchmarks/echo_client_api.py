@@ -1,9 +1,9 @@
-"""The job scenario's trainer for setup D: the same script as NVFlare's Client API echo
-(``echo_nvflare_client_api.py``) on ``flare_agent_async.client``, launched by `AgentExecutor`,
-whose environment configures it."""
+"""The job scenario's trainer for setups A, B and D: NVFlare's Client API, returning each model it
+receives unchanged. NVFlare ships it into the job as ``custom/echo_client_api.py``; for D, its
+imports name ``flare_agent_async.client`` instead, and nothing else changes."""
 
-import flare_agent_async.client as flare
-from flare_agent_async.client import FLModel, ParamsType
+import nvflare.client as flare
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 flare.init()
 while flare.is_running():

@@ -5,8 +5,8 @@ its trainer run four ways.
   ``launch_external_process=True``);
 * B: the same script in the client job's process (``launch_external_process=False``);
 * C: ours, `AgentExecutor` launching a `SyncFlareAgent` echo loop (``echo_agent.py``);
-* D: ours with our Client API, `AgentExecutor` launching the Client API script of A and B with
-  ``flare_agent_async.client`` imported in place of ``nvflare.client`` (``echo_client_api.py``).
+* D: ours with our Client API: A's job with ``flare_agent_async.client`` imported in its script in
+  place of ``nvflare.client``, converted by `flare_agent_async.nvflare.use_agent_executor`.
 
 Every trainer returns the model it receives, and lets go of it before it asks for the next one.
 The server is the same for all: an in-memory model of float32 arrays, checked at the end of the
@@ -44,6 +44,7 @@ from typing import Any
 
 from benchmarks import nvflare_ipc
 from benchmarks._harness import ROOT, ChildFailed, spread, start_process
+from flare_agent_async._processes import processes_with
 
 SETUPS = {
     "A": "NVFlare Client API, external process",
@@ -55,7 +56,12 @@ TINY_MIB = 1 / 1024
 """The tiny model (1 KiB in 2 arrays): each setup's baseline for the larger models' growth."""
 
 HERE = Path(__file__).resolve().parent
-_TRAINERS = ("echo_nvflare_client_api.py", "echo_agent.py", "echo_client_api.py")
+_TRAINERS = ("echo_client_api.py", "echo_agent.py")
+_OUR_IMPORTS = {
+    "import nvflare.client as flare": "import flare_agent_async.client as flare",
+    "from nvflare.app_common.abstract.fl_model import": "from flare_agent_async.client import",
+}
+"""D's one change to A's script: the Client API's imports."""
 _TASK_TIMEOUT = 900
 _SAMPLE_INTERVAL = 0.1
 _MARK = "FLARE_JOB_BENCH_RUN"
@@ -102,7 +108,7 @@ def build_job(setup: str, mib: float, rounds: int, folder: Path) -> Any:
     from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 
     from benchmarks._job_parts import EchoedModelPersistor, EventTimer
-    from flare_agent_async.nvflare import AgentExecutor
+    from flare_agent_async.nvflare import AgentExecutor, use_agent_executor
 
     job = FedJob(name="echo", min_clients=1)
     # Installed (or on the simulator's PYTHONPATH) rather than copied into the job:
@@ -127,36 +133,26 @@ def build_job(setup: str, mib: float, rounds: int, folder: Path) -> Any:
     job.to(workflow, "server")
     job.to(EventTimer(str(folder / "events_server.jsonl"), "server"), "server", id="event_timer")
     job.to_clients(EventTimer(str(folder / "events_client.jsonl"), "client"), id="event_timer")
-    if setup in ("A", "B"):
+    if setup in ("A", "B", "D"):
         # Copied where no entry of sys.path holds it, NVFlare ships it as custom/<its name>,
         # which is where the external process's command looks for it.
-        script = folder / _TRAINERS[0]
-        script.write_bytes((HERE / _TRAINERS[0]).read_bytes())
+        script = (HERE / _TRAINERS[0]).read_text()
+        if setup == "D":
+            for theirs, ours in _OUR_IMPORTS.items():
+                script = script.replace(theirs, ours)
+        (folder / _TRAINERS[0]).write_text(script)
         runner = ScriptRunner(
-            script=str(script),
-            launch_external_process=setup == "A",
+            script=str(folder / _TRAINERS[0]),
+            launch_external_process=setup != "B",
             command=f"{sys.executable} -u",
             framework=FrameworkType.NUMPY,
         )
         job.to_clients(runner, tasks=["train"])
+        if setup == "D":
+            use_agent_executor(job, task_timeout=_TASK_TIMEOUT)
     elif setup == "C":
         launch = f"{shlex.quote(sys.executable)} {shlex.quote(str(HERE / _TRAINERS[1]))}"
         job.to_clients(AgentExecutor(launch=launch, task_timeout=_TASK_TIMEOUT), tasks=["train"])
-    elif setup == "D":
-        launch = f"{shlex.quote(sys.executable)} {shlex.quote(str(HERE / _TRAINERS[2]))}"
-        executor = AgentExecutor(
-            launch=launch,
-            task_timeout=_TASK_TIMEOUT,
-            # What use_agent_executor passes for A's ScriptRunner (NUMPY: the numpy exchange).
-            client_config={
-                "train_task_name": "train",
-                "eval_task_name": "validate",
-                "submit_model_task_name": "submit_model",
-                "transfer_type": "FULL",
-                "params_exchange_format": "numpy",
-            },
-        )
-        job.to_clients(executor, tasks=["train"])
     else:
         raise ValueError(f"unknown setup {setup!r}: one of {', '.join(SETUPS)}")
     return job
@@ -272,15 +268,12 @@ class _ProcessTree(threading.Thread):
 
     def alive(self, mark: str) -> dict[int, str]:
         """The processes of the run still alive: seen in its tree, or carrying its ``mark``."""
-        table = _process_table()
-        marked = f"{_MARK}={mark}".encode()
-        alive = {}
-        for pid, (_, start, state) in table.items():
-            if state == "Z" or pid == os.getpid():
-                continue
+        alive = processes_with(f"{_MARK}={mark}".encode())
+        for pid, (_, start, state) in _process_table().items():
             entry = self.seen.get((pid, start))
-            if entry is not None or marked in _read(f"/proc/{pid}/environ").split(b"\0"):
-                alive[pid] = _command(pid) or (entry or {}).get("command", "")
+            if entry is not None and state != "Z":
+                alive.setdefault(pid, _command(pid) or entry["command"])
+        alive.pop(os.getpid(), None)
         return alive
 
 

@@ -665,14 +665,14 @@ to back, the next task races the agent's own bookkeeping and the figures become 
 What users feel: one FedAvg-style job in NVFlare's simulator with one client (`-n 1 -t 1`), its
 trainer run four ways. **A**: NVFlare's Client API, the script in an external process
 (`ScriptRunner(launch_external_process=True)`); **B**: the same script in the client job's
-process; **C**: our `AgentExecutor` launching a `SyncFlareAgent` echo loop; **D**: our
-`AgentExecutor` launching A's script with `flare_agent_async.client` imported in place of
-`nvflare.client`. Every trainer returns the model it receives, and drops its reference to it
-(`del model`, `del task`) once the result is sent and before it asks for the next, so that a
-trainer's memory is what its library holds. The server is the same for all: an in-memory model
-of float32 arrays (1 KiB in 2, the larger ones in 8), checked at the end of the run to be the
-initial one, NVFlare's in-time weighted aggregator and `ScatterAndGather`. The client asks the
-server for a task every {job_interval}.
+process; **C**: our `AgentExecutor` launching a `SyncFlareAgent` echo loop; **D**: A's job
+converted to our `AgentExecutor` by `use_agent_executor`, its script with
+`flare_agent_async.client` imported in place of `nvflare.client`. Every trainer returns the model
+it receives, and drops its reference to it (`del model`, `del task`) once the result is sent and
+before it asks for the next, so that a trainer's memory is what its library holds. The server
+is the same for all: an in-memory model of float32 arrays (1 KiB in 2, the larger ones in 8),
+checked at the end of the run to be the initial one, NVFlare's in-time weighted aggregator and
+`ScatterAndGather`. The client asks the server for a task every {job_interval}.
 
 Times are from every round but the first (which starts the trainer), median (min-max). Dispatch
 to result is the server's, from handing the task to the client until its result is in
@@ -736,12 +736,11 @@ In a job the client job (CJ) takes the task from the server and sends the result
 NVFlare's own messaging. `AgentExecutor` lets go of the task's arrays once the trainer has them
 and of the result's once NVFlare has sent it, so between rounds the CJ holds no model; its peak
 comes while NVFlare sends the result, which it serializes into chunks of its own (`np.savez` per
-array) next to the result's arrays. Sampled every 50 ms in one 512 MiB run (C), the CJ's RSS was
-678 MiB when NVFlare began sending the result, 1,289 MiB when it finished and 263 MiB once the
-executor let go. NVFlare's Client API in process (B) costs the CJ about as much as ours. At
-64 MiB much of the growth is memory freed in the CJ and kept by the C allocator: with glibc's
-mmap threshold fixed at 1 MiB (`MALLOC_MMAP_THRESHOLD_=1048576`) the CJ's growth at 64 MiB fell
-from about 4.5x to 2.7x for B and D alike, at the cost of much slower transfers. NVFlare's
+array, in its downloader) next to the result's arrays. NVFlare's Client API in process (B) costs
+the CJ about as much as ours. At 64 MiB much of the growth is memory freed in the CJ and kept by
+the C allocator; `MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks --only job` fixes glibc's
+mmap threshold at 1 MiB for the simulator and its processes, to see how much, at the cost of
+much slower transfers. NVFlare's
 external process (A) keeps its CJ small because the CJ forwards the task as a reference
 (NVFlare's pass-through) and its trainer downloads the model from the server itself: there the
 trainer pays instead.""",

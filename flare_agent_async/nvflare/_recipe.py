@@ -60,13 +60,14 @@ def use_agent_executor(recipe: R, **options: Unpack[ExecutorOptions]) -> R:
     ``python`` or ``python3`` runs the client job's own Python (``{python}``). The recipe's
     training script then imports ``flare_agent_async.client as flare`` instead of
     ``nvflare.client``. Call it where NVFlare's own helpers (``add_experiment_tracking``) go:
-    after ``set_per_site_config``.
+    after ``set_per_site_config``. A ``FedJob`` built by hand with ``ScriptRunner`` is converted
+    the same way.
 
     :param options: `AgentExecutor`'s options (``listen_url``, ``tls_certfile``, ``secret_env``,
         ``task_timeout``, ...); ``launch`` and ``client_config`` come from the recipe.
-    :returns: the recipe, changed.
-    :raises TypeError: ``recipe`` is not an NVFlare recipe; an option is unknown or comes from
-        the recipe.
+    :returns: the recipe (or job), changed.
+    :raises TypeError: ``recipe`` is neither an NVFlare recipe nor a ``FedJob``; an option is
+        unknown or comes from the recipe.
     :raises ValueError: an option's value is bad; the recipe has no script runner, or one this
         cannot convert (attach mode, ``launch_once=False``, TensorFlow's exchange format). The
         recipe is unchanged then.
@@ -77,7 +78,7 @@ def use_agent_executor(recipe: R, **options: Unpack[ExecutorOptions]) -> R:
             f"use_agent_executor() got {', '.join(taken)}: it comes from the recipe's script runner"
         )
     AgentExecutor(launch="trainer", **options)  # an unknown option or a bad value fails here
-    job = getattr(recipe, "_job", None)
+    job = recipe if isinstance(recipe, FedJob) else getattr(recipe, "_job", None)
     if not isinstance(job, FedJob):
         raise TypeError(f"expected an NVFlare job recipe, got {type(recipe).__name__}")
     # As NVFlare's own recipe helpers do: create the client apps a recipe makes lazily, then

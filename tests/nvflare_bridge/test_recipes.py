@@ -388,6 +388,33 @@ def test_every_script_runner_becomes_an_agent_executor_with_its_script_and_setti
     assert "flare_agent_async" in recipe._job.job.app_packages
 
 
+def test_a_job_built_by_hand_with_a_script_runner_is_converted_too(tmp_path: Path) -> None:
+    from nvflare.job_config.api import FedJob
+    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+
+    script = tmp_path / "client.py"
+    script.write_text("pass\n")
+    job = FedJob(name="by_hand", min_clients=1)
+    runner = ScriptRunner(
+        script=str(script),
+        launch_external_process=True,
+        command="/opt/venv/bin/python -u",
+        framework=FrameworkType.NUMPY,
+    )
+    job.to_clients(runner, tasks=["train"])
+    assert use_agent_executor(job, task_timeout=60) is job
+    (executors,) = [
+        [definition.executor for definition in app.app_config.executors]
+        for app in job._deploy_map.values()
+        if hasattr(app.app_config, "executors")
+    ]
+    (executor,) = executors
+    assert isinstance(executor, AgentExecutor)
+    assert executor.launch == "/opt/venv/bin/python -u custom/client.py"
+    assert executor.client_config["params_exchange_format"] == "numpy"
+    assert "flare_agent_async" in job.job.app_packages
+
+
 def test_per_site_settings_and_commands_are_kept(tmp_path: Path) -> None:
     recipe = numpy_recipe(tmp_path, launch_external_process=True)
     recipe.set_per_site_config(

@@ -220,6 +220,30 @@ async def large_frames_both_ways(client: MessageStream, server: MessageStream) -
     _all_equal(at_client, [down])
 
 
+async def sends_at_once_in_order(client: MessageStream, server: MessageStream) -> None:
+    """Messages sent at once (``send_batch_nowait``, where the stream declares it) and sent by
+    ``send`` arrive in the order given, also those that could not go at once (too large, or the
+    socket full), which the next ``send_batch`` sends first."""
+    nowait = client.extra(MessageStreamAttribute.send_batch_nowait, None)
+    send_batch = client.extra(MessageStreamAttribute.send_batch, None)
+    if nowait is None or send_batch is None:
+        return
+    sent: list[Message] = [
+        big_task(f"big-{n}", 2 * MiB, count=1) if n % 40 == 0 else Log(key="k", value=n, step=n)
+        for n in range(400)
+    ]
+    received: list[Message] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(_receive_n, server, len(sent), received)
+        for n, message in enumerate(sent):
+            if n % 3:
+                nowait([message])  # what does not go now is kept for the next send_batch
+            else:
+                await client.send(message)
+        await send_batch([])
+    _all_equal(received, sent)
+
+
 def _sender_message(sender: int, n: int) -> Log:
     size = 100_000 if n % 10 == 0 else 16  # some span many writes
     return Log(key=f"sender-{sender}", value=np.full(size, sender * 1000 + n), step=n)
@@ -452,6 +476,7 @@ CHECKS: dict[str, Check] = {
         mixed_sizes,
         large_frames_both_ways,
         concurrent_senders,
+        sends_at_once_in_order,
         peer_close_delivers_then_ends,
         peer_close_with_unread,
         own_close,

@@ -82,8 +82,8 @@ class ConnectionHandler(Protocol):
 
 async def _let_others_queue() -> None:
     """One turn of the event loop before a woken writer collects its messages: what woke it
-    (a result handled, say) usually woke others too, whose replies (the next task) then leave in
-    the same system call instead of the next, and the peer wakes once instead of twice."""
+    usually woke others too, whose messages then leave in the same system call instead of the
+    next, and the peer wakes once instead of twice."""
     await anyio.lowlevel.checkpoint()
 
 
@@ -95,6 +95,8 @@ class Connection:
       sent for ``handler.idle_interval()`` seconds it calls ``handler.idle()``; when
       ``handler.deferred_delay()`` gives a delay, it sends ``handler.flush_deferred()`` once the
       delay is over unless something else went first;
+    * `wake` sends small messages itself while the writer is idle, when the stream can send
+      without waiting (``send_batch_nowait``): a task or a result leaves in the turn that made it;
     * the reader hands every message to ``handler.handle`` and wakes the writer; if nothing
       arrives for ``handler.read_timeout()`` seconds (not a message, not a byte of one where the
       stream counts bytes, and no send the peer made room for) the peer is declared silent;
@@ -129,6 +131,14 @@ class Connection:
         self._draining = False
         self._error: BaseException | None = None
         self._send_batch = stream.extra(MessageStreamAttribute.send_batch, None)
+        self._send_nowait = stream.extra(MessageStreamAttribute.send_batch_nowait, None)
+        # The writer, while idle: its timer, the idle interval it keeps and when it flushes the
+        # held-back messages; whether the stream keeps messages only a send_batch flushes.
+        self._timer: anyio.CancelScope | None = None
+        self._idle_interval: float | None = None
+        self._flush_at = math.inf
+        self._last_sent = 0.0
+        self._held = False
         self._discard_incoming = stream.extra(MessageStreamAttribute.discard_incoming, None)
         watch_bytes = stream.extra(MessageStreamAttribute.watch_bytes, None)
         self._counts_bytes = watch_bytes is not None
@@ -139,7 +149,31 @@ class Connection:
         self._last_alive = anyio.current_time()
 
     def wake(self) -> None:
-        """Tell the writer there may be something to send."""
+        """There may be something to send. While the writer is idle, small messages that can go
+        at once are sent right here, in the caller's turn: the peer has them a turn of the event
+        loop sooner and the writer is not woken for them; anything else wakes the writer."""
+        timer = self._timer
+        if timer is None or self._send_nowait is None:
+            self._wake_writer()
+            return
+        handler = self._handler
+        messages = handler.data_to_send()
+        if messages:
+            if not self._send_nowait(messages):  # the stream keeps them for the writer
+                self._held = True
+                self._wake_writer()
+                return
+            self._last_sent = anyio.current_time()
+        if handler.finished() or handler.idle_interval() != self._idle_interval:
+            self._wake_writer()
+        elif self._flush_at == math.inf:
+            delay = handler.deferred_delay()
+            if delay is not None:  # the writer's timer now also flushes the held-back messages
+                self._flush_at = anyio.current_time() + delay
+                timer.deadline = min(timer.deadline, self._flush_at)
+
+    def _wake_writer(self) -> None:
+        self._timer = None  # the writer is on its way: nothing is sent past it any more
         self._wakeup.set()
 
     def read_timeout_changed(self) -> None:
@@ -200,37 +234,42 @@ class Connection:
         self._draining = False
 
     async def _write(self) -> None:
-        last_sent = anyio.current_time()
+        handler = self._handler
+        self._last_sent = anyio.current_time()
         while True:
-            messages = self._handler.data_to_send()
-            if messages:
+            messages = handler.data_to_send()
+            if messages or self._held:
+                self._held = False
                 await self._send(messages)
                 del messages  # sent messages may hold models: keep no reference while waiting
-                last_sent = anyio.current_time()
+                self._last_sent = anyio.current_time()
                 continue
-            if self._handler.finished():
+            if handler.finished():
                 return
-            interval = self._handler.idle_interval()
-            delay = self._handler.deferred_delay()
-            if interval is None and delay is None:
-                await self._wakeup.wait()
-                await _let_others_queue()
-                continue
+            self._idle_interval = interval = handler.idle_interval()
+            delay = handler.deferred_delay()
+            self._flush_at = math.inf if delay is None else anyio.current_time() + delay
             # Idle means nothing sent for an interval, however much was received meanwhile.
-            idle_at = math.inf if interval is None else last_sent + interval
-            flush_at = math.inf if delay is None else anyio.current_time() + delay
-            with anyio.CancelScope(deadline=min(idle_at, flush_at)) as timer:
-                await self._wakeup.wait()
+            idle_at = math.inf if interval is None else self._last_sent + interval
+            timer = anyio.CancelScope(deadline=min(idle_at, self._flush_at))
+            try:
+                with timer:
+                    self._timer = timer  # idle: `wake` may send past the writer, and arm it
+                    await self._wakeup.wait()
+            finally:
+                self._timer = None
             if not timer.cancelled_caught:
                 await _let_others_queue()
-            elif anyio.current_time() >= flush_at:
-                messages = self._handler.flush_deferred()
+                continue
+            now = anyio.current_time()
+            if now >= self._flush_at:
+                messages = handler.flush_deferred()
                 if messages:
                     await self._send(messages)
                     del messages
-                    last_sent = anyio.current_time()
-            elif anyio.current_time() >= idle_at:
-                self._handler.idle()
+                    self._last_sent = anyio.current_time()
+            elif interval is not None and now >= self._last_sent + interval:
+                handler.idle()
 
     async def _send(self, messages: list[Message]) -> None:
         self._sending = True

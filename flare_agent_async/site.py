@@ -260,8 +260,11 @@ class FlareSite:
         self._wake(agent_id)
         done = self._waiters[task] = anyio.Event()
         try:
-            with anyio.fail_after(timeout):
+            if timeout is None:
                 await done.wait()
+            else:
+                with anyio.fail_after(timeout):
+                    await done.wait()
         except BaseException:
             if not task.done:
                 session.abort(task.task_id)

@@ -48,6 +48,11 @@ class MessageStreamAttribute(TypedAttributeSet):
     send_batch: Callable[[Sequence[Message]], Awaitable[None]] = typed_attribute()
     """``await send_batch(messages)``: send them in order, small ones in one write."""
 
+    send_batch_nowait: Callable[[Sequence[Message]], bool] = typed_attribute()
+    """``send_batch_nowait(messages)``: send them now if they can go without waiting; False
+    if any of them could not, which are then kept and go first with the next ``send_batch``
+    (called with no messages, if need be)."""
+
     watch_bytes: Callable[[Callable[[], object], Callable[[Progress], object] | None], None] = (
         typed_attribute()
     )

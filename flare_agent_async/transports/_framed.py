@@ -24,6 +24,7 @@ PROGRESS_MIN_BYTES = 1 << 20
 """Frames at least this large report their progress."""
 _YIELD_EVERY_BYTES = 4 << 20
 _YIELD_EVERY_MESSAGES = 16
+_NOWAIT_MAX_BYTES = 64 * 1024
 
 
 class ByteStream(ABC):
@@ -50,6 +51,15 @@ class ByteStream(ABC):
     @abstractmethod
     async def send_some(self, buffers: Sequence[memoryview]) -> int:
         """Send from the start of ``buffers``; returns how many bytes went (at least one)."""
+
+    sends_at_once = False
+    """Whether `try_send` can send (sockets can; TLS, which must flush what it holds back,
+    cannot)."""
+
+    def try_send(self, buffers: Sequence[memoryview]) -> int:
+        """Send from the start of ``buffers`` if that needs no waiting; how many bytes went (0
+        when none could). Only for streams that declare `sends_at_once`."""
+        raise NotImplementedError
 
     async def flush(self) -> None:  # noqa: B027 - most byte streams hold nothing back
         """Write out whatever `send_some` accepted but holds back (TLS does); by default none."""
@@ -97,6 +107,8 @@ class FramedMessageStream(ObjectStream[Message]):
         self._send_broken: BaseException | None = None
         self._unyielded_messages = 0
         self._unyielded_sends = 0
+        self._unsent_items: list[Message] = []  # what send_batch_nowait left, sent first
+        self._unsent_parts: list[memoryview] = []
         self.on_activity: Callable[[], object] | None = None
         self.on_progress: Callable[[Progress], object] | None = None
 
@@ -104,6 +116,7 @@ class FramedMessageStream(ObjectStream[Message]):
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         return {
             MessageStreamAttribute.send_batch: lambda: self.send_batch,
+            MessageStreamAttribute.send_batch_nowait: lambda: self.send_batch_nowait,
             MessageStreamAttribute.watch_bytes: lambda: self.watch_bytes,
             MessageStreamAttribute.discard_incoming: lambda: self.discard_incoming,
         }
@@ -184,19 +197,65 @@ class FramedMessageStream(ObjectStream[Message]):
     async def send(self, item: Message) -> None:
         await self.send_batch([item])
 
+    def send_batch_nowait(self, items: Sequence[Message]) -> bool:
+        """Send small messages now, without waiting, if nothing else is on its way.
+
+        Returns True if every byte went. Otherwise what did not go (all of it, or the rest of a
+        frame the socket took only part of) is kept, and the next `send_batch` sends it first;
+        a send that fails here fails there.
+        """
+        kept = self._unsent_items
+        if (
+            kept
+            or self._unsent_parts
+            or not self._stream.sends_at_once
+            or self._send_lock.locked()
+            or self._closed
+            or self._send_broken is not None
+        ):
+            kept.extend(items)
+            return False
+        try:
+            parts = [part for item in items for part in encode_frame(item)]
+        except Exception:  # send_batch raises it again, where the writer handles it
+            kept.extend(items)
+            return False
+        total = sum(part.nbytes for part in parts)
+        if total > _NOWAIT_MAX_BYTES:  # large frames go with the writer, which reports progress
+            kept.extend(items)
+            return False
+        try:
+            sent = self._stream.try_send(parts)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            self._send_broken = exc
+            sent = 0
+        if sent == total:
+            self._unyielded_sends += 1
+            return True
+        if sent:
+            advance(parts, sent)
+            self._unsent_parts = parts
+        else:
+            kept.extend(items)
+        return False
+
     async def send_batch(self, items: Sequence[Message]) -> None:
         """Send messages in order, small ones together in one system call."""
+        if self._unsent_items:  # what send_batch_nowait could not send goes first
+            items, self._unsent_items = [*self._unsent_items, *items], []
         frames = [encode_frame(item) for item in items]  # what cannot be sent fails here
         sizes = [sum(part.nbytes for part in frame) for frame in frames]
         parts = [part for frame in frames for part in frame]
         total = sum(sizes)
         report = total >= PROGRESS_MIN_BYTES and self.on_progress is not None
-        item = items[sizes.index(max(sizes))]  # progress is told of the largest
+        item = items[sizes.index(max(sizes))] if items else None  # progress is told of the largest
         if self._unyielded_sends >= _YIELD_EVERY_MESSAGES:
             await anyio.lowlevel.checkpoint()  # nothing is sent yet: a cancellation is harmless
             self._unyielded_sends = 0
         async with self._send_lock:
             self._check_open(self._send_broken)
+            begun = bool(self._unsent_parts)  # the rest of a frame send_batch_nowait began
+            parts[:0], self._unsent_parts = self._unsent_parts, []
             sent = unyielded = 0
             waited = False
             try:
@@ -211,6 +270,7 @@ class FramedMessageStream(ObjectStream[Message]):
                         unyielded += count
                     advance(parts, count)
                     if report:
+                        assert item is not None
                         kind, task_id = _describe(item)
                         assert self.on_progress is not None
                         self.on_progress(Progress("send", kind, task_id, sent, total))
@@ -221,7 +281,7 @@ class FramedMessageStream(ObjectStream[Message]):
             except BaseException as exc:
                 # Part of a frame went out, or all of it without its last bytes flushed (TLS):
                 # the peer cannot tell where the next frame starts, so nothing can follow it.
-                if sent:
+                if sent or begun:
                     self._send_broken = exc
                     with anyio.CancelScope(shield=True):
                         await self._stream.abort()

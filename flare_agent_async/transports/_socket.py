@@ -59,10 +59,11 @@ class SocketByteStream(ByteStream):
             try:
                 return self._sock.recv_into(buffer)
             except BlockingIOError:
-                await self._wait(anyio.wait_readable)
-                self.waited_to_receive = True
+                pass  # wait outside the handler: a waiting task keeps no exception alive
             except OSError as exc:
                 raise self._broken(exc) from exc
+            await self._wait(anyio.wait_readable)
+            self.waited_to_receive = True
 
     async def send_some(self, buffers: Sequence[memoryview]) -> int:
         self.waited_to_send = False
@@ -70,10 +71,23 @@ class SocketByteStream(ByteStream):
             try:
                 return self._sock.sendmsg(buffers[:_MAX_IOV])
             except BlockingIOError:
-                await self._wait(anyio.wait_writable)
-                self.waited_to_send = True
+                pass
             except OSError as exc:
                 raise self._broken(exc) from exc
+            await self._wait(anyio.wait_writable)
+            self.waited_to_send = True
+
+    sends_at_once = True
+
+    def try_send(self, buffers: Sequence[memoryview]) -> int:
+        if self._closed:
+            return 0
+        try:
+            return self._sock.sendmsg(buffers[:_MAX_IOV])
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise self._broken(exc) from exc
 
     async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
         if self._closed:

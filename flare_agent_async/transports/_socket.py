@@ -52,16 +52,23 @@ class SocketByteStream(ByteStream):
         sock.setblocking(False)
         self._sock = sock
         self._closed = False
+        self._drained = False  # whether the last read took all there was
 
     async def receive_into(self, buffer: memoryview) -> int:
         self.waited_to_receive = False
+        if self._drained:  # the last read emptied the socket: a read now would find nothing
+            await self._wait(anyio.wait_readable)
+            self.waited_to_receive = True
         while True:
             try:
-                return self._sock.recv_into(buffer)
+                count = self._sock.recv_into(buffer)
             except BlockingIOError:
                 pass  # wait outside the handler: a waiting task keeps no exception alive
             except OSError as exc:
                 raise self._broken(exc) from exc
+            else:
+                self._drained = 0 < count < buffer.nbytes
+                return count
             await self._wait(anyio.wait_readable)
             self.waited_to_receive = True
 

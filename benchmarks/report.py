@@ -720,7 +720,7 @@ Each connection holds its protocol state, a few tasks of the event loop and its 
     "sync facade": """
 The facade crosses into the agent's loop twice per task. `submit_result` hands the result over
 in one trip (`run_sync_soon`) and its thread is woken once, by the site's answer; `get_task`
-takes a task that is already there in one trip, and waits for one through a `portal.call`. A bare
+asks in one trip and is woken once, by the task, which a callback in the loop takes. A bare
 `portal.call` wakes the calling thread twice (once its task is started in the loop, once it is
 done), so two of them are about the two crossings' cost; the rest is the agent's work in the
 loop while a second thread of the same process competes for the two cores.""",

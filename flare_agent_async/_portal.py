@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from anyio.lowlevel import EventLoopToken, current_token
 
+from ._wakeup import Wakeup
 from .exceptions import AgentClosed, CallStateError
 
 __all__ = ["BACKENDS", "PortalRunner"]
@@ -115,6 +116,61 @@ class PortalRunner:
             token.backend_class.run_sync_soon(run, (), token.native_token)
             return future.result()
         except (RunFinishedError, concurrent.futures.CancelledError) as exc:
+            raise AgentClosed("the agent is stopped") from exc
+        finally:
+            with self._lock:
+                self._waiting.discard(future)
+
+    def wait_for(
+        self, take: Callable[[], T | None], changed: Wakeup, timeout: float | None = None
+    ) -> T | None:
+        """What ``take()`` returns once it is not None, or None after ``timeout`` seconds;
+        ``take`` runs in the agent's loop, outside any task, now and at each ``changed.set()``
+        (it may raise: the error is raised here). One trip there and one back, and no task
+        started. Once this returns or raises, ``take`` runs no more: what it took is returned.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        given_up = False  # read and written in the loop only
+
+        def attempt() -> bool:
+            if given_up or future.done():
+                return True
+            try:
+                value = take()
+            except Exception as exc:
+                future.set_exception(exc)
+                return True
+            if value is None:
+                return False
+            future.set_result(value)
+            return True
+
+        def give_up() -> None:
+            nonlocal given_up
+            given_up = True
+
+        def start(settle: Callable[[None], object]) -> None:
+            if not attempt():
+                changed.call_until(attempt)
+            settle(None)
+
+        with self._lock:
+            self._waiting.add(future)
+        try:
+            self.call_settled(start)
+            try:
+                return future.result(timeout)
+            except TimeoutError:
+                pass
+            except BaseException:  # KeyboardInterrupt, say: stop taking before it goes on
+                if not future.done():
+                    with contextlib.suppress(AgentClosed):
+                        self.call_sync(give_up)
+                raise
+            with contextlib.suppress(AgentClosed):
+                self.call_sync(give_up)  # in the loop: from here on, nothing more is taken
+            return future.result(0) if future.done() else None
+        except concurrent.futures.CancelledError as exc:  # the loop is gone
             raise AgentClosed("the agent is stopped") from exc
         finally:
             with self._lock:

@@ -148,13 +148,10 @@ class SyncFlareAgent(FlareAgent):
         """
         check_timeout(timeout)
         runner = self._running()
-        if self._agent.task_ready:
-            # The task is here already (it came with the acknowledgement of the last result,
-            # say): one light trip takes it, and no task is started in the loop for the call.
-            task = runner.call_sync(self._agent.get_task_nowait)
-            if task is not None:
-                return task
-        return runner.call(self._agent.get_task, timeout)
+        # One trip into the loop and one back, however long the task takes to come: the task
+        # is taken there, by a callback at each change of the agent's state, not by a task.
+        agent = self._agent
+        return runner.wait_for(agent.get_task_nowait, agent._changed, timeout)
 
     def submit_result(self, result: TaskResult) -> bool:
         """Submit the current task's result; blocks until the site acknowledged it.

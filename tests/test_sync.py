@@ -108,6 +108,32 @@ def test_get_task_times_out_on_time_and_keeps_a_later_task() -> None:
         assert future.result(10).data == {"ok": True}
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_get_task_timing_out_as_its_task_arrives_loses_no_task(backend: str) -> None:
+    """The wait is given up in the agent's loop, where tasks are taken: a task is either
+    returned or left for the next call, never taken for a call that already returned None."""
+    timed_out = 0
+    with site_thread() as site, make(site.url, backend=backend) as agent:
+        for n in range(40):
+            sent: list[Future[TaskResult]] = []
+            later = threading.Timer(
+                n % 5 / 1000, lambda n=n, sent=sent: sent.append(site.run_task_soon("a1", n))
+            )
+            later.start()
+            for _ in range(100_000):  # bounded: each try waits at least 100 µs
+                task = agent.get_task(timeout=0.0001)
+                if task is not None:
+                    break
+                timed_out += 1
+            else:
+                pytest.fail(f"task {n} never came")
+            assert task.data == n
+            assert agent.submit_result(OK)
+            later.join()
+            assert sent[0].result(10).data == {"ok": True}
+    assert timed_out, "no call timed out while a task was on its way: the race was not run"
+
+
 def test_stop_from_another_thread_wakes_a_blocked_get_task_at_once() -> None:
     with site_thread() as site:
         agent = make(site.url)

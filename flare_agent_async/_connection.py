@@ -193,7 +193,8 @@ class Connection:
             with self._scope:
                 async with anyio.create_task_group() as group:
                     group.start_soon(self._guard, self._write, group.cancel_scope)
-                    group.start_soon(self._guard, self._read, group.cancel_scope)
+                    # The reader runs in this task: one task fewer per connection to keep.
+                    await self._guard(self._read, group.cancel_scope)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.stream.aclose()

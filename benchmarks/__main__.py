@@ -182,6 +182,14 @@ def steps(plan: Plan, only: set[str]) -> Iterator[Step]:
                     f"{count:,} agents, {backend}",
                     lambda n=count, b=backend: scale.measure(n, b, plan.idle_s, plan.rounds),
                 )
+                if count >= 10_000:
+                    yield (
+                        "scale",
+                        f"{count:,} agents, {backend}, gc threshold {scale.GC_THRESHOLD:,}",
+                        lambda n=count, b=backend: scale.measure(
+                            n, b, plan.idle_s, plan.rounds, gc_threshold=scale.GC_THRESHOLD
+                        ),
+                    )
     if "nvflare" in only and nvflare_ipc.unavailable() is None:
         yield (
             "nvflare",

@@ -177,7 +177,7 @@ def check_targets(figures: dict[str, Any]) -> None:
             worst <= 1.3,
         )
     for row in figures.get("scale") or []:
-        where = f"{row['agents']:,} agents, {row['backend']}"
+        where = f"{row['agents']:,} agents, {row['backend']}{_collector(row)}"
         dispatch = row["dispatch_s"]["median"]
         if row["agents"] == 1000:
             _target(
@@ -344,12 +344,18 @@ def throughput_table(figures: dict[str, Any]) -> str:
     return table(header, rows)
 
 
+def _collector(row: dict[str, Any]) -> str:
+    """A scale row's collector, when not Python's default."""
+    threshold = row.get("gc_threshold") or 700
+    return f", gc threshold {threshold:,}" if threshold != 700 else ""
+
+
 def scale_table(figures: dict[str, Any]) -> str:
     """Many agents on one site."""
     rows = [
         (
             f"{row['agents']:,}",
-            row["backend"],
+            row["backend"] + _collector(row),
             f"{row['connect_s']:.2f}",
             f"{row['site_kib_per_agent']:.1f} / {row['agent_kib_per_agent']:.1f}",
             f"{row['idle_cpu_percent']:.2f}%",
@@ -566,7 +572,9 @@ def plots(figures: dict[str, Any], folder: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         for backend in dict.fromkeys(r["backend"] for r in rows):
             points = sorted(
-                (r["agents"], r["dispatch_s"]["median"]) for r in rows if r["backend"] == backend
+                (r["agents"], r["dispatch_s"]["median"])
+                for r in rows
+                if r["backend"] == backend and not _collector(r)
             )
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
         ax.set_xscale("log")
@@ -642,7 +650,10 @@ transfers over the model size: 1.00x is the received model itself, which has to 
 One site process and two agent processes sharing the agents, over loopback TCP, default
 heartbeats (every 5 s). Connect: until every agent is welcomed. Memory: RSS growth per connected
 agent, in the site and in an agent process. Idle: the site's CPU while every agent idles.
-One task to all: one small task to every agent at once, until every result is back.
+One task to all: one small task to every agent at once, until every result is back. The rows
+marked "gc threshold" ran with the cyclic garbage collector's first threshold raised in every
+process (`gc.set_threshold(50_000)`, see [Concepts](concepts.md#thousands-of-agents)); the
+others with Python's default (700).
 
 {scale}
 
@@ -696,21 +707,24 @@ _WHY = {
     "small task": """
 A small task is four messages (the task, its acknowledgement, the result, its acknowledgement)
 and two hops between processes; on each side it passes through the frame codec, the protocol
-state machine and three or four turns of the event loop (the reader wakes the trainer, the
-trainer wakes the writer). The table's CPU column shows the cost per side, against which the
-ping-pong floor spends one receive and one send. Profiling showed no single hot spot of ours
-left: the time is spread over the event loop's own machinery for each wake-up (an event, a
-cancel scope for the writer's heartbeat timer, a registration with the selector for each wait
-on a socket, which asyncio makes and removes every time) and over Python for each message.
-Already done: a task's acknowledgement rides with its result, a result's acknowledgement with
-the next task, and a connection's queued messages leave in one system call; liveness no longer
-moves a deadline at every message. NVFlare's agent waits for a poll every 200 ms, so its round
-trip is bound by that interval; ours is bound by Python's cost per message.""",
+state machine and two or three turns of the event loop (the reader wakes the trainer, or the
+caller of `run_task`). The table's CPU column shows the cost per side, against which the
+ping-pong floor spends one receive and one send. A small message leaves from the task that made
+it (`run_task`, `submit_result`, the reader's acknowledgement) in the same turn, without waking
+the connection's writer, and a task's acknowledgement rides with its result; a read that emptied
+the socket is followed by a wait, not by a read that would fail. What is left is spread over the
+event loop's machinery for each wake-up (on asyncio and uvloop, a registration with the selector
+for each wait on a socket, made and removed every time) and over Python for each message. TLS
+cannot send at once (it flushes what it holds back through the writer), so its rows gain less.
+NVFlare's agent waits for a poll every 200 ms, so its round trip is bound by that interval; ours
+is bound by Python's cost per message.""",
     "one task to every agent": """
 Dispatch-and-collect to many agents costs the same work per task as above, on the site and in
-the agent processes, and all of them share the machine's two cores; with 10,000 connections the
-cyclic garbage collector also walks every connection's objects again and again while messages
-are made.""",
+the agent processes, and all of them share the machine's two cores. With 10,000 connections the
+processes hold over a million objects, and Python's cyclic garbage collector walks all of them
+several times while the tasks are in flight: with its first threshold raised (the "gc threshold"
+rows; see [Concepts](concepts.md#thousands-of-agents)) the same work takes well under half the
+time.""",
     "idle site": """
 An idle connection costs a heartbeat each way every `heartbeat_interval` (5 s by default), and
 each one the same work per message as above; a longer interval costs proportionally less.""",

@@ -7,10 +7,15 @@ heartbeats on (default heartbeat interval, 5 s), and the time to dispatch one sm
 agent at once and collect every result.
 
     python -m benchmarks --only scale [--large]
+
+With ``--large``, 10,000 agents run twice: with Python's cyclic garbage collector as it comes,
+and with its first threshold raised to ``GC_THRESHOLD`` in every process (``gc.set_threshold``),
+as docs/site.md advises for sites with thousands of agents.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -30,6 +35,13 @@ from benchmarks._harness import (
 )
 
 AGENT_PROCESSES = 2
+GC_THRESHOLD = 50_000
+"""The collector's first threshold in the tuned run (Python's default is 700)."""
+
+
+def _collector(threshold: int | None) -> None:
+    if threshold:
+        gc.set_threshold(threshold, *gc.get_threshold()[1:])
 
 
 async def _site(agents: int, idle_s: float, rounds: int) -> None:
@@ -67,6 +79,7 @@ async def _site(agents: int, idle_s: float, rounds: int) -> None:
             if results != agents:
                 raise AssertionError(f"{results} results of {agents} came back intact")
         emit(
+            gc_threshold=gc.get_threshold()[0],
             site_connected_s=connected_s,
             site_kib_per_agent=per_agent / 1024,
             idle_cpu_percent=idle_percent,
@@ -106,9 +119,12 @@ async def _agents(url: str, first: int, count: int) -> None:
         )
 
 
-def measure(agents: int, backend: str, idle_s: float, rounds: int) -> dict[str, Any]:
-    """One site and ``agents`` agents spread over a few processes; one row of figures."""
-    common = ("--backend", backend)
+def measure(
+    agents: int, backend: str, idle_s: float, rounds: int, gc_threshold: int = 0
+) -> dict[str, Any]:
+    """One site and ``agents`` agents spread over a few processes; one row of figures.
+    ``gc_threshold``: the collector's first threshold in every process (0: Python's own)."""
+    common = ("--backend", backend, "--gc-threshold", str(gc_threshold))
     site_args = ("--agents", str(agents), "--idle-s", str(idle_s), "--rounds", str(rounds))
     timeout = 120 + agents / 50 + idle_s + rounds * 30
     with Child("scale", "site", *common, *site_args) as site_process:
@@ -127,10 +143,11 @@ def measure(agents: int, backend: str, idle_s: float, rounds: int) -> dict[str, 
             site, *records = finish_together([site_process, *children], timeout)
         finally:
             for child in children:
-                child.kill()
+                child.__exit__(None, None, None)  # killed if still running; its pipe closed
     return {
         "agents": agents,
         "backend": backend,
+        "gc_threshold": site["gc_threshold"],  # what the site ran with
         "connect_s": max(record["connect_s"] for record in records),
         "site_connected_s": site["site_connected_s"],
         "site_kib_per_agent": site["site_kib_per_agent"],
@@ -154,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         rounds=int,
         first=int,
         count=int,
+        gc_threshold=int,
     )
+    _collector(args.gc_threshold)
     if args.role == "site":
         run_on(args.backend, _site, args.agents, args.idle_s, args.rounds)
     elif args.role == "agents":

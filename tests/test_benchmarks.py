@@ -241,3 +241,14 @@ def test_one_array_goes_out_and_back_and_is_checked_against_the_floor() -> None:
     (target,) = [t for t in figures["targets"] if "one 4 MiB array" in t["target"]]
     assert target["met"] is False and "25% of" in target["measured"]
     assert "4 MiB, one array" in report.throughput_table(figures)
+
+
+def test_many_agents_run_with_the_collector_threshold_asked_for() -> None:
+    from benchmarks import scale
+
+    row = scale.measure(20, "asyncio", idle_s=0.1, rounds=1, gc_threshold=12_345)
+    assert row["gc_threshold"] == 12_345  # as the site process reported it
+    assert "| 20 | asyncio, gc threshold 12,345 |" in report.scale_table({"scale": [row]})
+    default = scale.measure(20, "asyncio", idle_s=0.1, rounds=1)
+    assert default["gc_threshold"] == 700
+    assert "| 20 | asyncio |" in report.scale_table({"scale": [default]})

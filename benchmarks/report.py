@@ -722,9 +722,8 @@ is bound by Python's cost per message.""",
 Dispatch-and-collect to many agents costs the same work per task as above, on the site and in
 the agent processes, and all of them share the machine's two cores. With 10,000 connections the
 processes hold over a million objects, and Python's cyclic garbage collector walks all of them
-several times while the tasks are in flight: with its first threshold raised (the "gc threshold"
-rows; see [Concepts](concepts.md#thousands-of-agents)) the same work takes well under half the
-time.""",
+several times while the tasks are in flight; with its first threshold raised (the "gc threshold"
+rows; see [Concepts](concepts.md#thousands-of-agents)) it seldom does.""",
     "idle site": """
 An idle connection costs a heartbeat each way every `heartbeat_interval` (5 s by default), and
 each one the same work per message as above; a longer interval costs proportionally less.""",

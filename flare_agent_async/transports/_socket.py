@@ -39,6 +39,7 @@ __all__ = [
 logger = logging.getLogger("flare_agent_async.transports")
 
 _MAX_IOV = 1024  # sendmsg takes at most IOV_MAX buffers
+_BULK_READ_BYTES = 64 * 1024
 _DRAIN_READS_AT_CLOSE = 256  # up to 16 MiB of unread bytes dropped when closing
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -67,7 +68,9 @@ class SocketByteStream(ByteStream):
             except OSError as exc:
                 raise self._broken(exc) from exc
             else:
-                self._drained = 0 < count < buffer.nbytes
+                # A short read of a few bytes emptied the socket (a small message came); in a
+                # bulk transfer more is likely there by the next call: read again before waiting.
+                self._drained = 0 < count < min(buffer.nbytes, _BULK_READ_BYTES)
                 return count
             await self._wait(anyio.wait_readable)
             self.waited_to_receive = True

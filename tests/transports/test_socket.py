@@ -30,15 +30,20 @@ def pair() -> Iterator[tuple[_CountingSocket, socket.socket]]:
     peer.close()
 
 
+async def _drained(sock: _CountingSocket, peer: socket.socket) -> SocketByteStream:
+    """A stream whose last read took all there was (100 bytes into room for 4,096)."""
+    stream = SocketByteStream(sock)
+    peer.sendall(b"x" * 100)
+    assert await stream.receive_into(memoryview(bytearray(4096))) == 100
+    assert sock.reads == 1
+    return stream
+
+
 async def test_a_read_that_emptied_the_socket_is_followed_by_a_wait_not_a_read(
     pair: tuple[_CountingSocket, socket.socket],
 ) -> None:
     sock, peer = pair
-    stream = SocketByteStream(sock)
-    buffer = memoryview(bytearray(4096))
-    peer.sendall(b"x" * 100)
-    assert await stream.receive_into(buffer) == 100
-    assert sock.reads == 1
+    stream = await _drained(sock, peer)
 
     async def send_later() -> None:
         await anyio.wait_all_tasks_blocked()
@@ -46,7 +51,7 @@ async def test_a_read_that_emptied_the_socket_is_followed_by_a_wait_not_a_read(
 
     async with anyio.create_task_group() as group:
         group.start_soon(send_later)
-        assert await stream.receive_into(buffer) == 50
+        assert await stream.receive_into(memoryview(bytearray(4096))) == 50
     assert sock.reads == 2, "a read that could only fail was made before waiting"
     assert stream.waited_to_receive
 
@@ -55,10 +60,8 @@ async def test_bytes_that_came_while_nobody_read_are_still_read(
     pair: tuple[_CountingSocket, socket.socket],
 ) -> None:
     sock, peer = pair
-    stream = SocketByteStream(sock)
+    stream = await _drained(sock, peer)
     buffer = memoryview(bytearray(4096))
-    peer.sendall(b"x" * 100)
-    assert await stream.receive_into(buffer) == 100
     peer.sendall(b"y" * 50)
     peer.shutdown(socket.SHUT_WR)
     assert await stream.receive_into(buffer) == 50
@@ -67,3 +70,18 @@ async def test_bytes_that_came_while_nobody_read_are_still_read(
     await stream.aclose()
     with pytest.raises(anyio.ClosedResourceError):
         await stream.receive_into(buffer)
+
+
+async def test_after_a_bulk_read_the_next_receive_reads_before_waiting(
+    pair: tuple[_CountingSocket, socket.socket],
+) -> None:
+    """In a large transfer a short read says little: more is likely there by the next call."""
+    sock, peer = pair
+    stream = SocketByteStream(sock)
+    buffer = memoryview(bytearray(1 << 20))
+    peer.sendall(b"x" * (100 * 1024))
+    first = await stream.receive_into(buffer)
+    assert 64 * 1024 <= first <= 100 * 1024
+    peer.sendall(b"y" * 10)
+    await stream.receive_into(buffer)
+    assert sock.reads == 2 and not stream.waited_to_receive

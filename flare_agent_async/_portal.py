@@ -157,11 +157,13 @@ class PortalRunner:
         with self._lock:
             self._waiting.add(future)
         try:
-            self.call_settled(start)
             try:
+                self.call_settled(start)
                 return future.result(timeout)
             except TimeoutError:
                 pass
+            except (AgentClosed, concurrent.futures.CancelledError):
+                raise
             except BaseException:  # KeyboardInterrupt, say: stop taking before it goes on
                 if not future.done():
                     with contextlib.suppress(AgentClosed):

@@ -241,6 +241,9 @@ class FramedMessageStream(ObjectStream[Message]):
 
     async def send_batch(self, items: Sequence[Message]) -> None:
         """Send messages in order, small ones together in one system call."""
+        if self._unyielded_sends >= _YIELD_EVERY_MESSAGES:
+            await anyio.lowlevel.checkpoint()  # nothing is sent or taken yet: nothing is lost
+            self._unyielded_sends = 0
         if self._unsent_items:  # what send_batch_nowait could not send goes first
             items, self._unsent_items = [*self._unsent_items, *items], []
         frames = [encode_frame(item) for item in items]  # what cannot be sent fails here
@@ -249,9 +252,6 @@ class FramedMessageStream(ObjectStream[Message]):
         total = sum(sizes)
         report = total >= PROGRESS_MIN_BYTES and self.on_progress is not None
         item = items[sizes.index(max(sizes))] if items else None  # progress is told of the largest
-        if self._unyielded_sends >= _YIELD_EVERY_MESSAGES:
-            await anyio.lowlevel.checkpoint()  # nothing is sent yet: a cancellation is harmless
-            self._unyielded_sends = 0
         async with self._send_lock:
             self._check_open(self._send_broken)
             begun = bool(self._unsent_parts)  # the rest of a frame send_batch_nowait began

@@ -651,9 +651,9 @@ One site process and two agent processes sharing the agents, over loopback TCP, 
 heartbeats (every 5 s). Connect: until every agent is welcomed. Memory: RSS growth per connected
 agent, in the site and in an agent process. Idle: the site's CPU while every agent idles.
 One task to all: one small task to every agent at once, until every result is back. The rows
-marked "gc threshold" ran with the cyclic garbage collector's first threshold raised in every
-process (`gc.set_threshold(50_000)`, see [Concepts](concepts.md#thousands-of-agents)); the
-others with Python's default (700).
+marked "gc threshold" ran with the cyclic garbage collector's first threshold raised to the
+figure given, in every process (`gc.set_threshold`, see
+[Concepts](concepts.md#thousands-of-agents)); the others with Python's default (700).
 
 {scale}
 

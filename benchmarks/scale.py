@@ -10,13 +10,14 @@ agent at once and collect every result.
 
 With ``--large``, 10,000 agents run twice: with Python's cyclic garbage collector as it comes,
 and with its first threshold raised to ``GC_THRESHOLD`` in every process (``gc.set_threshold``),
-as docs/site.md advises for sites with thousands of agents.
+as docs/concepts.md advises for sites with thousands of agents.
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from contextlib import ExitStack
 from typing import Any
 
 from benchmarks._harness import (
@@ -127,23 +128,20 @@ def measure(
     common = ("--backend", backend, "--gc-threshold", str(gc_threshold))
     site_args = ("--agents", str(agents), "--idle-s", str(idle_s), "--rounds", str(rounds))
     timeout = 120 + agents / 50 + idle_s + rounds * 30
-    with Child("scale", "site", *common, *site_args) as site_process:
+    with Child("scale", "site", *common, *site_args) as site_process, ExitStack() as stack:
         url = site_process.expect("url")
         shares = [
             agents // AGENT_PROCESSES + (n < agents % AGENT_PROCESSES)
             for n in range(AGENT_PROCESSES)
         ]
         firsts = [sum(shares[:n]) for n in range(len(shares))]
-        children = [
-            Child("scale", "agents", *common, "--url", url, "--first", str(f), "--count", str(c))
-            for f, c in zip(firsts, shares, strict=True)
-            if c
-        ]
-        try:
-            site, *records = finish_together([site_process, *children], timeout)
-        finally:
-            for child in children:
-                child.__exit__(None, None, None)  # killed if still running; its pipe closed
+
+        def agents_from(first: int, count: int) -> Child:
+            args = ("--url", url, "--first", str(first), "--count", str(count))
+            return stack.enter_context(Child("scale", "agents", *common, *args))
+
+        children = [agents_from(f, c) for f, c in zip(firsts, shares, strict=True) if c]
+        site, *records = finish_together([site_process, *children], timeout)
     return {
         "agents": agents,
         "backend": backend,

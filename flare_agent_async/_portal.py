@@ -106,20 +106,7 @@ class PortalRunner:
             except Exception as exc:  # raised in the calling thread
                 future.set_exception(exc)
 
-        with self._lock:
-            token = self._token
-            if token is None or self._closed:
-                raise AgentClosed("the agent is stopped")
-            self._refuse_in_loop_thread()
-            self._waiting.add(future)
-        try:
-            token.backend_class.run_sync_soon(run, (), token.native_token)
-            return future.result()
-        except (RunFinishedError, concurrent.futures.CancelledError) as exc:
-            raise AgentClosed("the agent is stopped") from exc
-        finally:
-            with self._lock:
-                self._waiting.discard(future)
+        return self._cross(run, future)
 
     def wait_for(
         self, take: Callable[[], T | None], changed: Wakeup, timeout: float | None = None
@@ -145,34 +132,50 @@ class PortalRunner:
             future.set_result(value)
             return True
 
+        def start() -> None:
+            if not attempt():
+                changed.call_until(attempt)
+
         def give_up() -> None:
             nonlocal given_up
             given_up = True
 
-        def start(settle: Callable[[None], object]) -> None:
-            if not attempt():
-                changed.call_until(attempt)
-            settle(None)
+        try:
+            return self._cross(start, future, timeout)
+        except TimeoutError:
+            pass
+        except AgentClosed:
+            raise
+        except BaseException:  # KeyboardInterrupt, say: stop taking before it goes on
+            with contextlib.suppress(AgentClosed):
+                self.call_sync(give_up)
+            raise
+        with contextlib.suppress(AgentClosed):
+            self.call_sync(give_up)  # in the loop: from here on, nothing more is taken
+        if not future.done():
+            return None
+        if future.cancelled():  # the loop stopped meanwhile
+            raise AgentClosed("the agent is stopped")
+        return future.result()
 
+    def _cross(
+        self,
+        run: Callable[[], object],
+        future: concurrent.futures.Future[T],
+        timeout: float | None = None,
+    ) -> T:
+        """``run()`` in the agent's loop, outside any task; then wait (up to ``timeout``) for
+        ``future``, which the loop settles then or later. A loop that stops first cancels it."""
         with self._lock:
+            token = self._token
+            if token is None or self._closed:
+                raise AgentClosed("the agent is stopped")
+            self._refuse_in_loop_thread()
             self._waiting.add(future)
         try:
-            try:
-                self.call_settled(start)
-                return future.result(timeout)
-            except TimeoutError:
-                pass
-            except (AgentClosed, concurrent.futures.CancelledError):
-                raise
-            except BaseException:  # KeyboardInterrupt, say: stop taking before it goes on
-                if not future.done():
-                    with contextlib.suppress(AgentClosed):
-                        self.call_sync(give_up)
-                raise
-            with contextlib.suppress(AgentClosed):
-                self.call_sync(give_up)  # in the loop: from here on, nothing more is taken
-            return future.result(0) if future.done() else None
-        except concurrent.futures.CancelledError as exc:  # the loop is gone
+            token.backend_class.run_sync_soon(run, (), token.native_token)
+            return future.result(timeout)
+        except (RunFinishedError, concurrent.futures.CancelledError) as exc:
             raise AgentClosed("the agent is stopped") from exc
         finally:
             with self._lock:

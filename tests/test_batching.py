@@ -18,9 +18,11 @@ from flare_agent_async.protocol import (
     Result,
     TaskAck,
     TaskAssign,
+    encode_frame,
 )
 from flare_agent_async.testing import ScriptedPeer
 from flare_agent_async.transports import ByteStream, FramedMessageStream
+from flare_agent_async.transports import _framed as framed
 
 pytestmark = pytest.mark.anyio
 
@@ -186,3 +188,21 @@ async def test_a_frame_begun_at_once_and_then_cancelled_breaks_the_stream() -> N
         await stream.send_batch([])
     with pytest.raises(anyio.BrokenResourceError):
         await stream.send_batch(_beats(1))
+
+
+async def test_a_frame_kept_for_being_large_is_not_encoded_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoded: list[str] = []
+
+    def counting(item: Message) -> list[memoryview]:
+        encoded.append(item.task_id)  # type: ignore[union-attr]
+        return encode_frame(item)
+
+    monkeypatch.setattr(framed, "encode_frame", counting)
+    wire = _Wire(take=[])
+    stream = FramedMessageStream(wire)
+    assert not stream.send_batch_nowait([assign("big", data=b"x" * (128 * 1024))])
+    await stream.send_batch([assign("next")])
+    assert encoded == ["big", "next"]
+    assert [m.task_id for m in wire.messages()] == ["big", "next"]  # type: ignore[attr-defined]

@@ -107,7 +107,9 @@ class FramedMessageStream(ObjectStream[Message]):
         self._send_broken: BaseException | None = None
         self._unyielded_messages = 0
         self._unyielded_sends = 0
-        self._unsent_items: list[Message] = []  # what send_batch_nowait left, sent first
+        # What send_batch_nowait could not send, sent first by send_batch: messages (with their
+        # frames, when encoded already), and the rest of a frame the socket took only part of.
+        self._unsent: list[tuple[Message, list[memoryview] | None]] = []
         self._unsent_parts: list[memoryview] = []
         self.on_activity: Callable[[], object] | None = None
         self.on_progress: Callable[[Progress], object] | None = None
@@ -204,7 +206,7 @@ class FramedMessageStream(ObjectStream[Message]):
         frame the socket took only part of) is kept, and the next `send_batch` sends it first;
         a send that fails here fails there.
         """
-        kept = self._unsent_items
+        kept = self._unsent
         if (
             kept
             or self._unsent_parts
@@ -213,22 +215,21 @@ class FramedMessageStream(ObjectStream[Message]):
             or self._closed
             or self._send_broken is not None
         ):
-            kept.extend(items)
+            kept.extend((item, None) for item in items)
             return False
         try:
-            parts = [part for item in items for part in encode_frame(item)]
+            frames = [encode_frame(item) for item in items]
         except Exception:  # send_batch raises it again, where the writer handles it
-            kept.extend(items)
+            kept.extend((item, None) for item in items)
             return False
+        parts = [part for frame in frames for part in frame]
         total = sum(part.nbytes for part in parts)
-        if total > _NOWAIT_MAX_BYTES:  # large frames go with the writer, which reports progress
-            kept.extend(items)
-            return False
-        try:
-            sent = self._stream.try_send(parts)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            self._send_broken = exc
-            sent = 0
+        sent = 0
+        if total <= _NOWAIT_MAX_BYTES:  # large frames go with the writer, which reports progress
+            try:
+                sent = self._stream.try_send(parts)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                self._send_broken = exc
         if sent == total:
             self._unyielded_sends += 1
             return True
@@ -236,7 +237,7 @@ class FramedMessageStream(ObjectStream[Message]):
             advance(parts, sent)
             self._unsent_parts = parts
         else:
-            kept.extend(items)
+            kept.extend(zip(items, frames, strict=True))  # encoded once: sent as they are
         return False
 
     async def send_batch(self, items: Sequence[Message]) -> None:
@@ -244,9 +245,11 @@ class FramedMessageStream(ObjectStream[Message]):
         if self._unyielded_sends >= _YIELD_EVERY_MESSAGES:
             await anyio.lowlevel.checkpoint()  # nothing is sent or taken yet: nothing is lost
             self._unyielded_sends = 0
-        if self._unsent_items:  # what send_batch_nowait could not send goes first
-            items, self._unsent_items = [*self._unsent_items, *items], []
         frames = [encode_frame(item) for item in items]  # what cannot be sent fails here
+        if self._unsent:  # what send_batch_nowait could not send goes first
+            kept, self._unsent = self._unsent, []
+            frames[:0] = [encode_frame(item) if frame is None else frame for item, frame in kept]
+            items = [*(item for item, _ in kept), *items]
         sizes = [sum(part.nbytes for part in frame) for frame in frames]
         parts = [part for frame in frames for part in frame]
         total = sum(sizes)

@@ -57,41 +57,35 @@ class SocketByteStream(ByteStream):
 
     async def receive_into(self, buffer: memoryview) -> int:
         self.waited_to_receive = False
-        if self._drained:  # the last read emptied the socket: a read now would find nothing
-            await self._wait(anyio.wait_readable)
-            self.waited_to_receive = True
+        wait = self._drained  # the last read emptied the socket: a read now would find nothing
         while True:
+            if wait:
+                await self._wait(anyio.wait_readable)
+                self.waited_to_receive = True
             try:
                 count = self._sock.recv_into(buffer)
             except BlockingIOError:
-                pass  # wait outside the handler: a waiting task keeps no exception alive
+                wait = True  # outside the handler: a waiting task keeps no exception alive
+                continue
             except OSError as exc:
                 raise self._broken(exc) from exc
-            else:
-                # A short read of a few bytes emptied the socket (a small message came); in a
-                # bulk transfer more is likely there by the next call: read again before waiting.
-                self._drained = 0 < count < min(buffer.nbytes, _BULK_READ_BYTES)
-                return count
-            await self._wait(anyio.wait_readable)
-            self.waited_to_receive = True
+            # A short read of a few bytes emptied the socket (a small message came); in a bulk
+            # transfer more is likely there by the next call: read again before waiting.
+            self._drained = 0 < count < min(buffer.nbytes, _BULK_READ_BYTES)
+            return count
 
     async def send_some(self, buffers: Sequence[memoryview]) -> int:
         self.waited_to_send = False
-        while True:
-            try:
-                return self._sock.sendmsg(buffers[:_MAX_IOV])
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise self._broken(exc) from exc
+        while not (sent := self.try_send(buffers)):
             await self._wait(anyio.wait_writable)
             self.waited_to_send = True
+        return sent
 
     sends_at_once = True
 
     def try_send(self, buffers: Sequence[memoryview]) -> int:
         if self._closed:
-            return 0
+            return 0  # send_some's wait raises ClosedResourceError
         try:
             return self._sock.sendmsg(buffers[:_MAX_IOV])
         except BlockingIOError:

@@ -248,12 +248,16 @@ class AsyncFlareAgent:
         if assigned is not None:
             await anyio.lowlevel.cancel_shielded_checkpoint()
             return self._hand_over(assigned)
+        if seconds == math.inf:
+            return await self._next_task()
         with anyio.move_on_after(seconds):
-            while assigned is None:
-                await self._changed.wait()
-                assigned = self._protocol.fetch_task()
-            return self._hand_over(assigned)  # no checkpoint since the fetch: nothing is lost
+            return await self._next_task()
         return None
+
+    async def _next_task(self) -> Task:
+        while (assigned := self._protocol.fetch_task()) is None:
+            await self._changed.wait()
+        return self._hand_over(assigned)  # no checkpoint since the fetch: nothing is lost
 
     @property
     def task_ready(self) -> bool:

@@ -1,13 +1,17 @@
 """TCP and Unix-socket transports: ``tcp://host:port`` and ``unix:///path``.
 
-Both use the raw non-blocking socket with the event loop's readiness waits (`anyio.wait_readable`,
-`anyio.wait_writable`) instead of the loop's stream transports: receiving reads straight into the
-destination arrays (``recv_into``), sending writes the arrays' own memory (``sendmsg``), and
-nothing is buffered in between. Payloads are never copied on the way.
+Both use the raw non-blocking socket with the event loop's readiness waits instead of the loop's
+stream transports: receiving reads straight into the destination arrays (``recv_into``), sending
+writes the arrays' own memory (``sendmsg``), and nothing is buffered in between. Payloads are
+never copied on the way.
+
+On asyncio (and uvloop) a socket stays registered for reading from one wait to the next
+(`_Readiness`); elsewhere (trio) the waits are anyio's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -46,6 +50,97 @@ _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 Wrap = Callable[[socket.socket], Awaitable[ByteStream]]
 
 
+class _Readiness:
+    """Read readiness of one socket on an asyncio event loop, registered once.
+
+    `anyio.wait_readable` adds the socket to the loop and removes it at every wait: two
+    ``epoll_ctl`` calls per message, and on uvloop a poll handle made and freed each time. This
+    keeps the socket registered from one wait to the next while messages keep coming. Readiness
+    is level-triggered: when it comes with nobody waiting, the socket is removed (else the loop
+    would call back at every turn) and the next wait returns at once, without waiting.
+    """
+
+    __slots__ = ("_fd", "_loop", "_peek", "_ready", "_registered", "_sock", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        # asyncio's own loop polls again before a woken task runs, and reports once more the
+        # bytes it is about to read: there, look at the socket before waking anyone.
+        selector_loop = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+        self._peek = bytearray(1) if selector_loop else None
+        self._waiter: asyncio.Future[bool] | None = None
+        self._registered = False
+        self._ready = False  # readiness came while nobody waited
+
+    def _on_readable(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and waiter.done():
+            return  # woken already
+        if self._peek is not None:
+            try:
+                self._sock.recv_into(self._peek, 1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return  # a report of bytes read since
+            except OSError:
+                pass  # the next read raises it
+        if waiter is None:
+            self._unregister()
+            self._ready = True
+        else:
+            waiter.set_result(True)
+
+    async def wait(self) -> bool:
+        """Wait until the socket is readable; False if it was already known to be (no wait).
+
+        :raises anyio.BusyResourceError: another task waits to read.
+        :raises anyio.ClosedResourceError: `close` was called while waiting.
+        """
+        if self._waiter is not None:
+            raise anyio.BusyResourceError("reading from")
+        if self._ready:
+            self._ready = False
+            return False
+        if not self._registered:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._registered = True
+        self._waiter = waiter = self._loop.create_future()
+        try:
+            is_open = await waiter
+        finally:
+            self._waiter = None  # a cancelled wait stays registered until readiness comes
+        if not is_open:
+            raise anyio.ClosedResourceError
+        return True
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._loop.remove_reader(self._fd)
+
+    def close(self) -> None:
+        """Unregister (before the socket closes) and wake a waiting task with
+        `anyio.ClosedResourceError`."""
+        self._unregister()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(False)
+
+
+def _readiness(sock: socket.socket) -> _Readiness | None:
+    """The socket's `_Readiness` on a running asyncio loop that watches sockets; None elsewhere
+    (trio, no loop running)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return None
+    try:  # Windows' proactor loop has no readers: anyio waits through a selector thread
+        loop.remove_reader(sock.fileno())
+    except NotImplementedError:
+        return None
+    return _Readiness(loop, sock)
+
+
 class SocketByteStream(ByteStream):
     """A `ByteStream` over a connected non-blocking socket."""
 
@@ -54,13 +149,22 @@ class SocketByteStream(ByteStream):
         self._sock = sock
         self._closed = False
         self._drained = False  # whether the last read took all there was
+        self._readiness = _readiness(sock)
+
+    async def _wait_readable(self) -> bool:
+        """Wait until the socket is readable; False if it is known to be (nothing waited)."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._readiness is not None:
+            return await self._readiness.wait()
+        await anyio.wait_readable(self._sock)
+        return True
 
     async def receive_into(self, buffer: memoryview) -> int:
         self.waited_to_receive = False
         wait = self._drained  # the last read emptied the socket: a read now would find nothing
         while True:
-            if wait:
-                await self._wait(anyio.wait_readable)
+            if wait and await self._wait_readable():
                 self.waited_to_receive = True
             try:
                 count = self._sock.recv_into(buffer)
@@ -77,7 +181,9 @@ class SocketByteStream(ByteStream):
     async def send_some(self, buffers: Sequence[memoryview]) -> int:
         self.waited_to_send = False
         while not (sent := self.try_send(buffers)):
-            await self._wait(anyio.wait_writable)
+            if self._closed:
+                raise anyio.ClosedResourceError
+            await anyio.wait_writable(self._sock)
             self.waited_to_send = True
         return sent
 
@@ -92,11 +198,6 @@ class SocketByteStream(ByteStream):
             return 0
         except OSError as exc:
             raise self._broken(exc) from exc
-
-    async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
-        if self._closed:
-            raise anyio.ClosedResourceError
-        await wait(self._sock)
 
     def _broken(self, exc: OSError) -> Exception:
         if self._closed:
@@ -119,6 +220,8 @@ class SocketByteStream(ByteStream):
                     break
         except OSError:  # BlockingIOError included: nothing more to read now
             pass
+        if self._readiness is not None:
+            self._readiness.close()
         anyio.notify_closing(sock)
         sock.close()
         await anyio.lowlevel.checkpoint()

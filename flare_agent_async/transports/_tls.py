@@ -62,7 +62,7 @@ class TLSByteStream(ByteStream):
         server_side: bool,
         server_hostname: str | None = None,
     ) -> TLSByteStream:
-        """Run the handshake over ``inner``.
+        """Run the handshake over ``inner``; if it fails, or is cancelled, ``inner`` is aborted.
 
         :raises TransportError: the handshake failed (certificate not trusted, none given, ...).
         """
@@ -72,25 +72,33 @@ class TLSByteStream(ByteStream):
         )
         stream = cls(inner, ssl_object, incoming, outgoing)
         try:
+            await stream._handshake()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await inner.abort()
+            raise
+        return stream
+
+    async def _handshake(self) -> None:
+        try:
             while True:
                 try:
-                    ssl_object.do_handshake()
+                    self._ssl.do_handshake()
                     break
                 except ssl.SSLWantReadError:
-                    await stream.flush()
-                    await stream._fill()
-            await stream.flush()
+                    await self.flush()
+                    await self._fill()
+            await self.flush()
         except (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
             with anyio.move_on_after(1, shield=True):  # the alert tells the peer why
                 try:
-                    await stream.flush()
+                    await self.flush()
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     pass
             error = TransportError(f"TLS handshake failed: {exc}")
             # Certificates and alerts are settled: only a cut connection is worth a retry.
             error.retryable = not isinstance(exc, ssl.SSLError) or isinstance(exc, ssl.SSLEOFError)
             raise error from exc
-        return stream
 
     async def flush(self) -> None:
         """Write all ciphertext owed to the peer; a cancellation keeps the rest for next time."""

@@ -1,14 +1,21 @@
-"""The socket byte stream's system calls: one read per arrival of bytes."""
+"""The socket byte stream's system calls: one read per arrival of bytes, and on asyncio one
+registration with the event loop for many messages."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import anyio
 import pytest
+import trustme
 
+from flare_agent_async.exceptions import TransportError
 from flare_agent_async.transports._socket import SocketByteStream
+from flare_agent_async.transports._tls import TLSByteStream
 
 pytestmark = pytest.mark.anyio
 
@@ -16,9 +23,10 @@ pytestmark = pytest.mark.anyio
 class _CountingSocket(socket.socket):
     reads = 0
 
-    def recv_into(self, *args: object) -> int:  # type: ignore[override]
-        self.reads += 1
-        return super().recv_into(*args)  # type: ignore[arg-type]
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:  # type: ignore[override]
+        if not flags & socket.MSG_PEEK:  # a look without taking is no read
+            self.reads += 1
+        return super().recv_into(buffer, nbytes, flags)
 
 
 @pytest.fixture
@@ -54,6 +62,7 @@ async def test_a_read_that_emptied_the_socket_is_followed_by_a_wait_not_a_read(
         assert await stream.receive_into(memoryview(bytearray(4096))) == 50
     assert sock.reads == 2, "a read that could only fail was made before waiting"
     assert stream.waited_to_receive
+    await stream.aclose()
 
 
 async def test_bytes_that_came_while_nobody_read_are_still_read(
@@ -85,3 +94,180 @@ async def test_after_a_bulk_read_the_next_receive_reads_before_waiting(
     peer.sendall(b"y" * 10)
     await stream.receive_into(buffer)
     assert sock.reads == 2 and not stream.waited_to_receive
+    await stream.aclose()
+
+
+async def _ping_pong(stream: SocketByteStream, peer: socket.socket, count: int) -> None:
+    """``count`` small messages from ``peer``, each sent once the stream waits for it."""
+    buffer = memoryview(bytearray(4096))
+    for n in range(count):
+
+        async def send_later(n: int = n) -> None:
+            await anyio.wait_all_tasks_blocked()
+            peer.sendall(b"%d" % n)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(send_later)
+            received = await stream.receive_into(buffer)
+        assert bytes(buffer[:received]) == b"%d" % n
+        assert stream.waited_to_receive
+
+
+class _Registrations:
+    """Counts the asyncio loop's ``add_reader`` calls and the callbacks they register."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        loop = asyncio.get_running_loop()
+        self.added = 0
+        self.called = 0
+        add_reader = loop.add_reader
+
+        def counting(fd: int, callback: Callable[[], Any]) -> None:
+            self.added += 1
+
+            def counted() -> None:
+                self.called += 1
+                callback()
+
+            add_reader(fd, counted)
+
+        monkeypatch.setattr(loop, "add_reader", counting)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_asyncio_the_socket_stays_registered_from_one_message_to_the_next(
+    pair: tuple[_CountingSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """anyio's wait_readable registers and removes the socket at every wait."""
+    sock, peer = pair
+    registrations = _Registrations(monkeypatch)
+    stream = await _drained(sock, peer)
+    await _ping_pong(stream, peer, 50)
+    assert registrations.added == 1
+    # asyncio's selector loop reports the bytes once more before the woken task reads them
+    assert registrations.called <= 2 * 50
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_asyncio_readiness_with_nobody_waiting_lets_the_socket_go(
+    pair: tuple[_CountingSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness is level-triggered: a socket left registered while nobody reads would call
+    back at every turn of the loop."""
+    sock, peer = pair
+    registrations = _Registrations(monkeypatch)
+    stream = await _drained(sock, peer)
+    await _ping_pong(stream, peer, 1)
+    peer.sendall(b"unread")
+    called = registrations.called
+    for _ in range(20):  # turns of the loop with bytes waiting and nobody reading
+        await anyio.lowlevel.checkpoint()
+    assert registrations.called - called <= 2, "the loop kept calling back with nobody waiting"
+    buffer = memoryview(bytearray(4096))
+    assert await stream.receive_into(buffer) == len(b"unread")
+    assert not stream.waited_to_receive, "readiness already seen was waited for again"
+    await _ping_pong(stream, peer, 3)
+    assert registrations.added == 2
+    await stream.aclose()
+
+
+async def test_closing_the_stream_wakes_a_waiting_receive(
+    pair: tuple[_CountingSocket, socket.socket],
+) -> None:
+    sock, peer = pair
+    stream = await _drained(sock, peer)
+
+    async def close_later() -> None:
+        await anyio.wait_all_tasks_blocked()
+        await stream.aclose()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(close_later)
+        with pytest.raises(anyio.ClosedResourceError):
+            await stream.receive_into(memoryview(bytearray(4096)))
+
+
+async def test_a_cancelled_receive_loses_no_bytes_and_the_next_one_waits_again(
+    pair: tuple[_CountingSocket, socket.socket],
+) -> None:
+    sock, peer = pair
+    stream = await _drained(sock, peer)
+    with anyio.CancelScope() as scope:
+
+        async def cancel_later() -> None:
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(cancel_later)
+            await stream.receive_into(memoryview(bytearray(4096)))
+    assert scope.cancelled_caught
+    await _ping_pong(stream, peer, 3)
+    await stream.aclose()
+
+
+async def test_two_tasks_cannot_wait_to_read_one_socket(
+    pair: tuple[_CountingSocket, socket.socket],
+) -> None:
+    sock, peer = pair
+    stream = await _drained(sock, peer)
+    buffer = memoryview(bytearray(4096))
+    async with anyio.create_task_group() as group:
+        group.start_soon(stream.receive_into, buffer)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(anyio.BusyResourceError):
+            await stream.receive_into(buffer)
+        peer.sendall(b"x")  # for the first
+    await stream.aclose()
+
+
+async def test_a_failed_tls_handshake_closes_the_socket_stream(
+    pair: tuple[_CountingSocket, socket.socket],
+) -> None:
+    """The stream under TLS is closed on failure, which on asyncio also removes the socket from
+    the loop before anyone closes it: a closed descriptor left registered would break the
+    next socket that gets its number."""
+    sock, peer = pair
+    inner = SocketByteStream(sock)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost").configure_cert(context)
+
+    async def garbage_later() -> None:
+        await anyio.wait_all_tasks_blocked()
+        peer.sendall(b"this is no TLS record" * 10)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(garbage_later)
+        with pytest.raises(TransportError, match="handshake failed"):
+            await TLSByteStream.wrap(inner, context, server_side=True)
+    assert sock.fileno() == -1
+    with pytest.raises(anyio.ClosedResourceError):
+        await inner.receive_into(memoryview(bytearray(16)))
+
+
+def test_on_uvloop_messages_arrive_and_a_close_wakes_the_reader() -> None:
+    """The benchmarks' fastest loop: the same registration, on libuv's poll handles."""
+    pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        with peer:
+            stream = SocketByteStream(ours)
+            await _ping_pong(stream, peer, 20)
+            peer.sendall(b"unread")
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            assert await stream.receive_into(memoryview(bytearray(64))) == len(b"unread")
+            await _ping_pong(stream, peer, 3)
+
+            async def close_later() -> None:
+                await anyio.wait_all_tasks_blocked()
+                await stream.aclose()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(close_later)
+                with pytest.raises(anyio.ClosedResourceError):
+                    await stream.receive_into(memoryview(bytearray(64)))
+
+    anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})

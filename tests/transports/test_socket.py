@@ -4,14 +4,16 @@ registration with the event loop for many messages."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
 import pytest
 import trustme
+from anyio.abc import TaskGroup
 
 from flare_agent_async.exceptions import TransportError
 from flare_agent_async.transports._socket import SocketByteStream
@@ -38,6 +40,18 @@ def pair() -> Iterator[tuple[_CountingSocket, socket.socket]]:
     peer.close()
 
 
+def _once_all_wait(group: TaskGroup, action: Callable[[], object]) -> None:
+    """Call ``action`` (and await what it returns, if anything) once every task waits."""
+
+    async def run() -> None:
+        await anyio.wait_all_tasks_blocked()
+        result = action()
+        if inspect.isawaitable(result):
+            await result
+
+    group.start_soon(run)
+
+
 async def _drained(sock: _CountingSocket, peer: socket.socket) -> SocketByteStream:
     """A stream whose last read took all there was (100 bytes into room for 4,096)."""
     stream = SocketByteStream(sock)
@@ -47,29 +61,35 @@ async def _drained(sock: _CountingSocket, peer: socket.socket) -> SocketByteStre
     return stream
 
 
-async def test_a_read_that_emptied_the_socket_is_followed_by_a_wait_not_a_read(
-    pair: tuple[_CountingSocket, socket.socket],
-) -> None:
+Drained = tuple[_CountingSocket, socket.socket, SocketByteStream]
+
+
+@pytest.fixture
+async def drained(
+    pair: tuple[_CountingSocket, socket.socket], anyio_backend: str
+) -> AsyncIterator[Drained]:
+    """The socket, its peer, and a `_drained` stream over it (closed afterwards)."""
     sock, peer = pair
     stream = await _drained(sock, peer)
-
-    async def send_later() -> None:
-        await anyio.wait_all_tasks_blocked()
-        peer.sendall(b"y" * 50)
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(send_later)
-        assert await stream.receive_into(memoryview(bytearray(4096))) == 50
-    assert sock.reads == 2, "a read that could only fail was made before waiting"
-    assert stream.waited_to_receive
+    yield sock, peer, stream
     await stream.aclose()
 
 
-async def test_bytes_that_came_while_nobody_read_are_still_read(
-    pair: tuple[_CountingSocket, socket.socket],
+async def test_a_read_that_emptied_the_socket_is_followed_by_a_wait_not_a_read(
+    drained: Drained,
 ) -> None:
-    sock, peer = pair
-    stream = await _drained(sock, peer)
+    sock, peer, stream = drained
+    async with anyio.create_task_group() as group:
+        _once_all_wait(group, lambda: peer.sendall(b"y" * 50))
+        assert await stream.receive_into(memoryview(bytearray(4096))) == 50
+    assert sock.reads == 2, "a read that could only fail was made before waiting"
+    assert stream.waited_to_receive
+
+
+async def test_bytes_that_came_while_nobody_read_are_still_read(
+    drained: Drained,
+) -> None:
+    _sock, peer, stream = drained
     buffer = memoryview(bytearray(4096))
     peer.sendall(b"y" * 50)
     peer.shutdown(socket.SHUT_WR)
@@ -101,13 +121,8 @@ async def _ping_pong(stream: SocketByteStream, peer: socket.socket, count: int) 
     """``count`` small messages from ``peer``, each sent once the stream waits for it."""
     buffer = memoryview(bytearray(4096))
     for n in range(count):
-
-        async def send_later(n: int = n) -> None:
-            await anyio.wait_all_tasks_blocked()
-            peer.sendall(b"%d" % n)
-
         async with anyio.create_task_group() as group:
-            group.start_soon(send_later)
+            _once_all_wait(group, lambda n=n: peer.sendall(b"%d" % n))
             received = await stream.receive_into(buffer)
         assert bytes(buffer[:received]) == b"%d" % n
         assert stream.waited_to_receive
@@ -173,45 +188,31 @@ async def test_on_asyncio_readiness_with_nobody_waiting_lets_the_socket_go(
 
 
 async def test_closing_the_stream_wakes_a_waiting_receive(
-    pair: tuple[_CountingSocket, socket.socket],
+    drained: Drained,
 ) -> None:
-    sock, peer = pair
-    stream = await _drained(sock, peer)
-
-    async def close_later() -> None:
-        await anyio.wait_all_tasks_blocked()
-        await stream.aclose()
-
+    _sock, _peer, stream = drained
     async with anyio.create_task_group() as group:
-        group.start_soon(close_later)
+        _once_all_wait(group, stream.aclose)
         with pytest.raises(anyio.ClosedResourceError):
             await stream.receive_into(memoryview(bytearray(4096)))
 
 
 async def test_a_cancelled_receive_loses_no_bytes_and_the_next_one_waits_again(
-    pair: tuple[_CountingSocket, socket.socket],
+    drained: Drained,
 ) -> None:
-    sock, peer = pair
-    stream = await _drained(sock, peer)
+    _sock, peer, stream = drained
     with anyio.CancelScope() as scope:
-
-        async def cancel_later() -> None:
-            await anyio.wait_all_tasks_blocked()
-            scope.cancel()
-
         async with anyio.create_task_group() as group:
-            group.start_soon(cancel_later)
+            _once_all_wait(group, scope.cancel)
             await stream.receive_into(memoryview(bytearray(4096)))
     assert scope.cancelled_caught
     await _ping_pong(stream, peer, 3)
-    await stream.aclose()
 
 
 async def test_two_tasks_cannot_wait_to_read_one_socket(
-    pair: tuple[_CountingSocket, socket.socket],
+    drained: Drained,
 ) -> None:
-    sock, peer = pair
-    stream = await _drained(sock, peer)
+    _sock, peer, stream = drained
     buffer = memoryview(bytearray(4096))
     async with anyio.create_task_group() as group:
         group.start_soon(stream.receive_into, buffer)
@@ -219,7 +220,6 @@ async def test_two_tasks_cannot_wait_to_read_one_socket(
         with pytest.raises(anyio.BusyResourceError):
             await stream.receive_into(buffer)
         peer.sendall(b"x")  # for the first
-    await stream.aclose()
 
 
 async def test_a_failed_tls_handshake_closes_the_socket_stream(
@@ -233,12 +233,8 @@ async def test_a_failed_tls_handshake_closes_the_socket_stream(
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("localhost").configure_cert(context)
 
-    async def garbage_later() -> None:
-        await anyio.wait_all_tasks_blocked()
-        peer.sendall(b"this is no TLS record" * 10)
-
     async with anyio.create_task_group() as group:
-        group.start_soon(garbage_later)
+        _once_all_wait(group, lambda: peer.sendall(b"this is no TLS record" * 10))
         with pytest.raises(TransportError, match="handshake failed"):
             await TLSByteStream.wrap(inner, context, server_side=True)
     assert sock.fileno() == -1
@@ -260,13 +256,8 @@ def test_on_uvloop_messages_arrive_and_a_close_wakes_the_reader() -> None:
                 await anyio.lowlevel.checkpoint()
             assert await stream.receive_into(memoryview(bytearray(64))) == len(b"unread")
             await _ping_pong(stream, peer, 3)
-
-            async def close_later() -> None:
-                await anyio.wait_all_tasks_blocked()
-                await stream.aclose()
-
             async with anyio.create_task_group() as group:
-                group.start_soon(close_later)
+                _once_all_wait(group, stream.aclose)
                 with pytest.raises(anyio.ClosedResourceError):
                     await stream.receive_into(memoryview(bytearray(64)))
 

@@ -712,10 +712,11 @@ caller of `run_task`). The table's CPU column shows the cost per side, against w
 ping-pong floor spends one receive and one send. A small message leaves from the task that made
 it (`run_task`, `submit_result`, the reader's acknowledgement) in the same turn, without waking
 the connection's writer, and a task's acknowledgement rides with its result; a read that emptied
-the socket is followed by a wait, not by a read that would fail. What is left is spread over the
-event loop's machinery for each wake-up (on asyncio and uvloop, a registration with the selector
-for each wait on a socket, made and removed every time) and over Python for each message. TLS
-cannot send at once (it flushes what it holds back through the writer), so its rows gain less.
+the socket is followed by a wait, not by a read that would fail; on asyncio and uvloop the socket
+stays registered with the event loop from one wait to the next. What is left is spread over the
+event loop's machinery for each wake-up (trio arms its epoll registration again for every wait)
+and over Python for each message. TLS cannot send at once (it flushes what it holds back through
+the writer), so its rows gain less.
 NVFlare's agent waits for a poll every 200 ms, so its round trip is bound by that interval; ours
 is bound by Python's cost per message.""",
     "one task to every agent": """
@@ -750,10 +751,10 @@ NVFlare's own messaging. `AgentExecutor` lets go of the task's arrays once the t
 and of the result's once NVFlare has sent it, so between rounds the CJ holds no model; its peak
 comes while NVFlare sends the result, which it serializes into chunks of its own (`np.savez` per
 array, in its downloader) next to the result's arrays. NVFlare's Client API in process (B) costs
-the CJ about as much as ours. At 64 MiB much of the growth is memory freed in the CJ and kept by
-the C allocator; `MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks --only job` fixes glibc's
-mmap threshold at 1 MiB for the simulator and its processes, to see how much, at the cost of
-much slower transfers. NVFlare's
+the CJ about as much as ours. Part of the growth, at every size, is memory freed in the CJ and
+kept by the C allocator; `MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks --only job` fixes
+glibc's mmap threshold at 1 MiB for the simulator and its processes, to see how much, at the cost
+of much slower transfers (see [Running inside NVFlare](nvflare.md)). NVFlare's
 external process (A) keeps its CJ small because the CJ forwards the task as a reference
 (NVFlare's pass-through) and its trainer downloads the model from the server itself: there the
 trainer pays instead.""",

@@ -12,6 +12,8 @@ On asyncio (and uvloop) a socket stays registered for reading from one wait to t
 from __future__ import annotations
 
 import asyncio
+import asyncio.proactor_events
+import asyncio.selector_events
 import errno
 import logging
 import os
@@ -134,10 +136,8 @@ def _readiness(sock: socket.socket) -> _Readiness | None:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # trio
         return None
-    try:  # Windows' proactor loop has no readers: anyio waits through a selector thread
-        loop.remove_reader(sock.fileno())
-    except NotImplementedError:
-        return None
+    if isinstance(loop, asyncio.proactor_events.BaseProactorEventLoop):
+        return None  # Windows' proactor has no readers: anyio waits through a selector thread
     return _Readiness(loop, sock)
 
 

@@ -52,15 +52,6 @@ def _once_all_wait(group: TaskGroup, action: Callable[[], object]) -> None:
     group.start_soon(run)
 
 
-async def _drained(sock: _CountingSocket, peer: socket.socket) -> SocketByteStream:
-    """A stream whose last read took all there was (100 bytes into room for 4,096)."""
-    stream = SocketByteStream(sock)
-    peer.sendall(b"x" * 100)
-    assert await stream.receive_into(memoryview(bytearray(4096))) == 100
-    assert sock.reads == 1
-    return stream
-
-
 Drained = tuple[_CountingSocket, socket.socket, SocketByteStream]
 
 
@@ -68,9 +59,13 @@ Drained = tuple[_CountingSocket, socket.socket, SocketByteStream]
 async def drained(
     pair: tuple[_CountingSocket, socket.socket], anyio_backend: str
 ) -> AsyncIterator[Drained]:
-    """The socket, its peer, and a `_drained` stream over it (closed afterwards)."""
+    """The socket, its peer, and a stream over it whose last read took all there was (100
+    bytes into room for 4,096); closed afterwards."""
     sock, peer = pair
-    stream = await _drained(sock, peer)
+    stream = SocketByteStream(sock)
+    peer.sendall(b"x" * 100)
+    assert await stream.receive_into(memoryview(bytearray(4096))) == 100
+    assert sock.reads == 1
     yield sock, peer, stream
     await stream.aclose()
 
@@ -151,28 +146,25 @@ class _Registrations:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_on_asyncio_the_socket_stays_registered_from_one_message_to_the_next(
-    pair: tuple[_CountingSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+    drained: Drained, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """anyio's wait_readable registers and removes the socket at every wait."""
-    sock, peer = pair
-    registrations = _Registrations(monkeypatch)
-    stream = await _drained(sock, peer)
+    _sock, peer, stream = drained
+    registrations = _Registrations(monkeypatch)  # the stream registers at its first wait
     await _ping_pong(stream, peer, 50)
     assert registrations.added == 1
     # asyncio's selector loop reports the bytes once more before the woken task reads them
     assert registrations.called <= 2 * 50
-    await stream.aclose()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_on_asyncio_readiness_with_nobody_waiting_lets_the_socket_go(
-    pair: tuple[_CountingSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+    drained: Drained, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Readiness is level-triggered: a socket left registered while nobody reads would call
     back at every turn of the loop."""
-    sock, peer = pair
-    registrations = _Registrations(monkeypatch)
-    stream = await _drained(sock, peer)
+    _sock, peer, stream = drained
+    registrations = _Registrations(monkeypatch)  # the stream registers at its first wait
     await _ping_pong(stream, peer, 1)
     peer.sendall(b"unread")
     called = registrations.called
@@ -184,17 +176,17 @@ async def test_on_asyncio_readiness_with_nobody_waiting_lets_the_socket_go(
     assert not stream.waited_to_receive, "readiness already seen was waited for again"
     await _ping_pong(stream, peer, 3)
     assert registrations.added == 2
-    await stream.aclose()
 
 
 async def test_closing_the_stream_wakes_a_waiting_receive(
     drained: Drained,
 ) -> None:
     _sock, _peer, stream = drained
-    async with anyio.create_task_group() as group:
-        _once_all_wait(group, stream.aclose)
-        with pytest.raises(anyio.ClosedResourceError):
-            await stream.receive_into(memoryview(bytearray(4096)))
+    with anyio.fail_after(10):  # not woken, it would wait for ever
+        async with anyio.create_task_group() as group:
+            _once_all_wait(group, stream.aclose)
+            with pytest.raises(anyio.ClosedResourceError):
+                await stream.receive_into(memoryview(bytearray(4096)))
 
 
 async def test_a_cancelled_receive_loses_no_bytes_and_the_next_one_waits_again(
@@ -217,8 +209,8 @@ async def test_two_tasks_cannot_wait_to_read_one_socket(
     async with anyio.create_task_group() as group:
         group.start_soon(stream.receive_into, buffer)
         await anyio.wait_all_tasks_blocked()
-        with pytest.raises(anyio.BusyResourceError):
-            await stream.receive_into(buffer)
+        with anyio.fail_after(10), pytest.raises(anyio.BusyResourceError):
+            await stream.receive_into(buffer)  # without the check, it would wait for ever
         peer.sendall(b"x")  # for the first
 
 

@@ -31,7 +31,7 @@ from .exceptions import (
     TransportError,
     UnknownAgent,
 )
-from .site import FlareSite, LogRecord
+from .site import FlareSite, HeldResult, LogRecord
 from .sync import SyncFlareAgent
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "FlareAgent",
     "FlareAgentError",
     "FlareSite",
+    "HeldResult",
     "LocalProtocolError",
     "LogRecord",
     "MetaKey",

@@ -12,7 +12,7 @@ import os
 import ssl
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -29,11 +29,13 @@ from .defs import TaskResult
 from .exceptions import CallStateError, ProtocolError, UnknownAgent
 from .protocol import (
     Challenge,
+    FetchEnded,
     Hello,
     Limits,
     LogReceived,
     LogRecord,
     Message,
+    PartFetch,
     Proof,
     Reject,
     ResultRefused,
@@ -50,7 +52,7 @@ from .protocol import (
 )
 from .transports import MessageListener, MessageStream, Progress, create_listener
 
-__all__ = ["FlareSite", "LogRecord"]
+__all__ = ["FlareSite", "HeldResult", "LogRecord"]
 
 logger = logging.getLogger("flare_agent_async.site")
 
@@ -136,7 +138,7 @@ class FlareSite:
         self._agents: dict[str, _Agent] = {}
         self._gone: OrderedDict[str, _Agent] = OrderedDict()  # oldest first
         self._live_connections = 0  # agents' connections being served, replaced ones included
-        self._waiters: dict[SiteTask, anyio.Event] = {}
+        self._waiters: dict[SiteTask | PartFetch, anyio.Event] = {}
         self._listeners: list[MessageListener] = []
         self._closing = False
         self.rejected_hellos = 0
@@ -230,12 +232,18 @@ class FlareSite:
         *,
         task_id: str | None = None,
         timeout: float | None = None,
+        hold_arrays: bool = False,
     ) -> TaskResult:
         """Run a task on an agent and return its result.
 
         An agent works on one task at a time: a new task aborts the one it has. If the agent
         disconnects, the task waits for it (up to the site's ``reconnect_timeout``) and is sent
         again. Cancelling the call, or its ``timeout``, aborts the task at the agent.
+
+        With ``hold_arrays``, the result is a `HeldResult`: the agent holds back the numpy
+        arrays at the top of its data, and sends each when the caller fetches it, so that a
+        large model need not be in the site's memory all at once. The caller must `release
+        <HeldResult.release>` it: until then the agent's ``submit_result`` waits.
 
         :raises UnknownAgent: no agent with this id has connected.
         :raises AgentGone: the agent left before the result arrived.
@@ -254,7 +262,9 @@ class FlareSite:
         check_payload(meta, "meta")
         check_payload(data, "data")
         session = self._session(agent_id)
-        task, superseded = session.assign(task_id or uuid.uuid4().hex, task_name, meta or {}, data)
+        task, superseded = session.assign(
+            task_id or uuid.uuid4().hex, task_name, meta or {}, data, hold_arrays=hold_arrays
+        )
         del data  # the session holds it now, and may release it before the result arrives
         self._finished(superseded)
         self._wake(agent_id)
@@ -268,14 +278,41 @@ class FlareSite:
         except BaseException:
             if not task.done:
                 session.abort(task.task_id)
-                self._wake(agent_id)
+            else:  # the result came as the call ended: nobody will fetch what it holds back
+                self._finished(session.release(task.task_id, accepted=False, reason="cancelled"))
+            self._wake(agent_id)
             raise
         finally:
             del self._waiters[task]
         if task.error is not None:
             raise task.error
-        assert task.result is not None
-        return task.result
+        result = task.result
+        assert result is not None
+        if hold_arrays:
+            return HeldResult(self, task, result)
+        return result
+
+    async def _fetch(self, task: SiteTask, key: str) -> Any:
+        session = self._session(task.agent_id)
+        fetch = session.request_part(task.task_id, key)
+        self._wake(task.agent_id)
+        done = self._waiters[fetch] = anyio.Event()
+        try:
+            await done.wait()
+        except BaseException:
+            session.cancel_part(fetch)
+            raise
+        finally:
+            del self._waiters[fetch]
+        if fetch.error is not None:
+            raise fetch.error
+        return fetch.value
+
+    def _release(self, task: SiteTask, accepted: bool, reason: str) -> None:
+        agent = self._agents.get(task.agent_id)
+        if agent is not None:
+            self._finished(agent.session.release(task.task_id, accepted=accepted, reason=reason))
+            self._wake(task.agent_id)
 
     async def abort_task(self, agent_id: str, task_id: str) -> bool:
         """Abort a task: its `run_task` raises `TaskAborted`, the agent is told to stop it.
@@ -312,9 +349,9 @@ class FlareSite:
         if agent is not None and agent.connection is not None:
             agent.connection.wake()
 
-    def _finished(self, tasks: list[SiteTask]) -> None:
-        for task in tasks:
-            waiter = self._waiters.get(task)
+    def _finished(self, ended: Sequence[SiteTask | PartFetch]) -> None:
+        for item in ended:
+            waiter = self._waiters.get(item)
             if waiter is not None:
                 waiter.set()
 
@@ -461,6 +498,70 @@ class FlareSite:
                 del self._agents[agent_id]
 
 
+class HeldResult(TaskResult):
+    """A result whose agent holds back the numpy arrays at the top of its data (`held`), which
+    are None in `data` until fetched; from `FlareSite.run_task` with ``hold_arrays=True``.
+
+    ::
+
+        result = await site.run_task("a1", "train", task_data, hold_arrays=True)
+        async with result:  # released on the way out
+            for key in result.held:
+                save(key, await result.fetch(key))
+
+    The agent keeps the arrays, and its ``submit_result`` waits, until the result is released;
+    a fetch interrupted by a reconnect is asked again on the new connection.
+    """
+
+    def __init__(self, site: FlareSite, task: SiteTask, result: TaskResult) -> None:
+        super().__init__(result.meta, result.data, result.return_code)
+        self.task_id = task.task_id
+        self.held: tuple[str, ...] = task.held
+        """The keys of the held-back entries, in the data's order."""
+        self._site = site
+        self._task = task
+        self.released = False
+
+    async def fetch(self, key: str) -> Any:
+        """One held-back entry, from the agent; it is not kept here (fetch it again if need be).
+
+        Cancelling the call loses nothing: the entry can be fetched again.
+
+        :raises ValueError: ``key`` is not held back, or is being fetched already.
+        :raises CallStateError: the result was released.
+        :raises TaskLost: the agent restarted, or cannot send the entry.
+        :raises AgentGone: the agent left.
+        """
+        if self.released:
+            raise CallStateError(f"the result of task {self.task_id!r} was released")
+        return await self._site._fetch(self._task, key)
+
+    async def release(self, accepted: bool = True, reason: str = "") -> None:
+        """Tell the agent the site is done with the result: its ``submit_result`` returns
+        ``accepted`` (with ``reason`` for a refusal). Open fetches fail; a second release does
+        nothing."""
+        if not self.released:
+            self.released = True
+            if self.held:
+                self._site._release(self._task, accepted, reason)
+        await anyio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            if exc is None:
+                await self.release()
+            else:
+                await self.release(False, f"the site failed to take the result: {exc!r}")
+
+
 @dataclass(eq=False)
 class _Agent:
     """What the site keeps of one agent id: its session, which outlives connections; the
@@ -517,6 +618,8 @@ class _SiteSide:
         for event in session.receive(message):
             if isinstance(event, TaskFinished):
                 site._finished([event.task])
+            elif isinstance(event, FetchEnded):
+                site._finished([event.fetch])
             elif isinstance(event, LogReceived):
                 site._deliver_log(event.record)
             elif isinstance(event, ResultRefused):

@@ -21,6 +21,7 @@ EXPECTED_ALL = [
     "FlareAgentError",
     "FlareSite",
     "LocalProtocolError",
+    "HeldResult",
     "LogRecord",
     "MetaKey",
     "MsgHeader",

@@ -11,7 +11,7 @@ from functools import partial
 import anyio
 import numpy as np
 import pytest
-from anyio.abc import ObjectStream
+from anyio.abc import ObjectStream, TaskGroup
 
 from flare_agent_async import (
     AgentClosed,
@@ -20,6 +20,7 @@ from flare_agent_async import (
     CallStateError,
     ConnectionRejected,
     FlareSite,
+    HeldResult,
     LogRecord,
     Task,
     TaskAborted,
@@ -32,6 +33,7 @@ from flare_agent_async.protocol import (
     Bye,
     Hello,
     Message,
+    Part,
     Reject,
     Result,
     ResultAck,
@@ -561,3 +563,103 @@ async def test_a_reconnect_in_the_instant_of_the_expiry_keeps_the_site_and_the_a
             await anyio.wait_all_tasks_blocked()
         assert site.agents == frozenset({"a1"})
         await mine.aclose()
+
+
+# -- results that hold back their arrays ----------------------------------------------------------
+
+HELD = {"w": np.arange(200_000, dtype=np.float32), "n": 5, "b": np.ones((3, 4))}
+
+
+async def held_result(site: FlareSite, agent: AsyncFlareAgent, group: TaskGroup) -> HeldResult:
+    """Run a task that holds arrays; the agent's ``submit_result`` outcome lands in
+    ``agent.submitted`` (a list)."""
+    submitted: list[bool] = []
+    agent.submitted = submitted  # type: ignore[attr-defined]
+
+    async def trainer() -> None:
+        task = await agent.get_task()
+        assert task is not None
+        submitted.append(await agent.submit_result(TaskResult({"m": 1}, dict(HELD))))
+
+    group.start_soon(trainer)
+    result = await site.run_task(agent.agent_id, "train", None, hold_arrays=True)
+    assert isinstance(result, HeldResult)
+    return result
+
+
+@pytest.mark.parametrize("scheme", ["memory", "tcp"])
+async def test_a_held_result_sends_each_array_when_fetched_and_is_settled_by_its_release(
+    scheme: str,
+) -> None:
+    async with FlareSite("site-1") as site:
+        url = await site.listen("memory://" if scheme == "memory" else "tcp://127.0.0.1:0")
+        async with (
+            AsyncFlareAgent(url, agent_id="a1", site_name="site-1") as agent,
+            anyio.create_task_group() as group,
+        ):
+            result = await held_result(site, agent, group)
+            assert result.held == ("w", "b")
+            assert (result.meta, result.data) == ({"m": 1}, {"w": None, "n": 5, "b": None})
+            for key in reversed(result.held):
+                np.testing.assert_array_equal(await result.fetch(key), HELD[key])
+            np.testing.assert_array_equal(await result.fetch("w"), HELD["w"])  # again
+            await anyio.wait_all_tasks_blocked()
+            assert agent.submitted == []  # type: ignore[attr-defined]
+            await result.release()
+        assert agent.submitted == [True]  # type: ignore[attr-defined]
+        with pytest.raises(CallStateError, match="released"):
+            await result.fetch("w")
+
+
+async def test_a_held_result_released_on_error_is_refused_at_the_agent() -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+        result = await held_result(site, agent, group)
+
+        async def take_and_fail() -> None:
+            async with result:
+                await result.fetch("b")
+                raise ZeroDivisionError
+
+        with pytest.raises(ZeroDivisionError):
+            await take_and_fail()
+        assert result.released
+    assert agent.submitted == [False]  # type: ignore[attr-defined]
+
+
+async def test_a_cancelled_fetch_loses_nothing_and_a_fetch_survives_a_reconnect() -> None:
+    async with FlareSite("site-1") as site:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        # The first request for the array arrives, and the connection drops before the answer.
+        faulty.drop_before(lambda message: isinstance(message, Part))
+        async with (
+            AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent,
+            anyio.create_task_group() as group,
+        ):
+            result = await held_result(site, agent, group)
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await result.fetch("w")
+            assert scope.cancelled_caught
+            with anyio.fail_after(10):
+                array = await result.fetch("w")
+            np.testing.assert_array_equal(array, HELD["w"])
+            assert faulty.connections == 2
+            await result.release()
+        assert agent.submitted == [True]  # type: ignore[attr-defined]
+
+
+async def test_an_agent_that_does_not_come_back_fails_the_open_fetch_with_agent_gone() -> None:
+    async with FlareSite("site-1", reconnect_timeout=0.2) as site:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        async with (
+            # Its stop waits for the unsettled result no longer than this.
+            AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1", close_timeout=0.1) as agent,
+            anyio.create_task_group() as group,
+        ):
+            result = await held_result(site, agent, group)
+            faulty.drop_before(lambda message: isinstance(message, Part))
+            faulty.refuse_connections = True
+            with anyio.fail_after(10), pytest.raises(AgentGone, match="did not reconnect"):
+                await result.fetch("w")
+            await agent.stop()
+        assert agent.submitted == [False]  # type: ignore[attr-defined]

@@ -45,11 +45,12 @@ from .._environment import (
 )
 from .._processes import processes_with
 from .._validate import as_secret
-from ..defs import TaskResult
+from ..defs import RC, TaskResult
 from ..exceptions import SiteError, TaskAborted
-from ..site import FlareSite, LogRecord
+from ..site import FlareSite, HeldResult, LogRecord
 from ..tls import server_context
 from ._convert import BadShareable, result_to_shareable, shareable_to_task
+from ._relay import consumed_in_client, relay
 
 __all__ = ["AgentExecutor"]
 
@@ -129,6 +130,12 @@ class AgentExecutor(Executor):  # type: ignore[misc]
     :param client_config: settings for a launched Client API trainer (``train_task_name``,
         ``eval_task_name``, ``submit_model_task_name``, ``transfer_type``), where its own
         arguments leave them unset.
+    :param relay_results: the server downloads the result's arrays (the numpy arrays at the top
+        of its data) from the trainer one at a time, through the client job, which holds none
+        but the one on its way; the trainer's ``submit_result`` returns once the server has
+        them. Results that something in the client job reads first (a result filter) come
+        whole. False: every result comes to the client job whole, and NVFlare sends it from
+        there.
     """
 
     def __init__(
@@ -150,6 +157,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         abort_check_interval: float = 0.1,
         backend: str = "asyncio",
         client_config: dict[str, str] | None = None,
+        relay_results: bool = True,
     ) -> None:
         super().__init__()
         if agent_id is not None and (not isinstance(agent_id, str) or not agent_id):
@@ -196,12 +204,14 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self.tls_client_ca = tls_client_ca
         self.abort_check_interval = float(abort_check_interval)
         self.backend = backend
+        self.relay_results = bool(relay_results)
         self.url: str | None = None
         """The URL the site listens at, once the run started."""
         self._portal_cm: contextlib.AbstractContextManager[anyio.from_thread.BlockingPortal] | None
         self._portal_cm = None
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._engine: Any = None  # NVFlare's engine, for the analytics events of log records
+        self._cell: Any = None  # the client job's cell, which serves relayed results
         self._host_future: concurrent.futures.Future[None] | None = None
         self._site: FlareSite | None = None
         self._sent_result: dict[str, Any] | None = None  # the arrays of the result NVFlare sends
@@ -233,6 +243,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
 
     def _start(self, fl_ctx: FLContext) -> None:
         engine = self._engine = fl_ctx.get_engine()
+        self._cell = getattr(engine, "get_cell", lambda: None)()
         job_id = str(fl_ctx.get_job_id())
         site_name = str(fl_ctx.get_identity_name())
         if self.agent_id is None:
@@ -453,9 +464,14 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         if isinstance(task.data, dict):
             task.data.clear()
         started = time.monotonic()
+        hold = (
+            self.relay_results
+            and self._cell is not None
+            and not consumed_in_client(task_name, fl_ctx)
+        )
         try:
             result = self._call(
-                abort_signal, self._run_task, task_name, task.task_id, data, task.meta
+                abort_signal, self._run_task, task_name, task.task_id, data, task.meta, hold
             )
         except (_Aborted, TaskAborted):
             self.log_info(fl_ctx, f"task {task_name!r} {task.task_id} aborted")
@@ -472,9 +488,29 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             f"task {task_name!r} {task.task_id}: {result.return_code} from agent "
             f"{self.agent_id!r} in {elapsed_ms:.1f} ms",
         )
+        if isinstance(result, HeldResult) and result.held:
+            self.log_info(
+                fl_ctx,
+                f"task {task_name!r} {task.task_id}: the server downloads the result's "
+                f"{len(result.held)} arrays from the agent, one at a time",
+            )
+            return self._relay(result, task.app_defined)
         if isinstance(result.data, dict):
             self._sent_result = result.data  # the reply's DXO holds this very dict
         return result_to_shareable(result, task.app_defined)
+
+    def _relay(self, result: HeldResult, app_defined: bool) -> Shareable:
+        """The reply for a result whose agent holds back its arrays: the server downloads them
+        through this job's cell (see `_relay`), or, if the reply carries no data, none."""
+        assert self._portal is not None
+        if result.return_code not in (RC.OK, FlareRC.EARLY_TERMINATION):
+            self._portal.call(result.release)  # the reply is the return code alone
+            return result_to_shareable(result, app_defined)
+        relayed, abandon = relay(result, self._cell, self._portal)
+        shareable = result_to_shareable(relayed, app_defined)
+        if shareable.get_return_code() != result.return_code:
+            abandon()  # the result could not be made into a DXO: nothing will be downloaded
+        return shareable
 
     def _call(self, abort_signal: Signal, function: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``function`` in the site's loop; cancel it if NVFlare's abort signal fires.
@@ -512,10 +548,10 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         return []
 
     async def _run_task(
-        self, task_name: str, task_id: str, data: list[Any], meta: dict[str, Any]
+        self, task_name: str, task_id: str, data: list[Any], meta: dict[str, Any], hold: bool
     ) -> TaskResult:
         """Run the task on the agent; ``data`` is a box holding the task's data, emptied when it
-        is handed to the site."""
+        is handed to the site; with ``hold``, the agent holds back the result's arrays."""
         site = self._site
         agent_id = self.agent_id
         assert site is not None and agent_id is not None
@@ -536,6 +572,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
                     meta,
                     task_id=task_id,
                     timeout=self.task_timeout,
+                    hold_arrays=hold,
                 )
             except TimeoutError as exc:
                 raise TimeoutError(f"no result within task_timeout={self.task_timeout} s") from exc

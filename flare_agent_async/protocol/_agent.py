@@ -16,6 +16,10 @@ Task states, one task at a time (NVFlare's rule)::
     pending --fetch_task--> current --submit--> submitted --ResultAck--> settled
     pending --Abort--> dropped          current --Abort or newer task--> aborted
 
+A task assigned with ``hold_arrays`` has its result sent without the numpy arrays at the top of
+its data: the agent answers the site's `PartRequest` for each, as often as asked, until the
+result is acknowledged.
+
 The machine knows tasks by id: `fetch_task` hands over the site's `TaskAssign`, and the driver
 makes the trainer's `Task` of it, signals its abort when an `AbortReceived` event says so, and
 runs the trainer's abort callbacks. Nothing here runs user code.
@@ -26,7 +30,8 @@ runs the trainer's abort callbacks. Nothing here runs user code.
 Guarantees the machine keeps, whatever the connection does:
 
 * a task id is handed to the trainer at most once (resends are acknowledged and dropped);
-* a submitted result is resent after every reconnect until the site acknowledges it;
+* a submitted result is resent after every reconnect until the site acknowledges it, and its
+  held-back arrays are kept as long;
 * a task whose data does not validate is answered with ``RC.BAD_TASK_DATA`` and never reaches the
   trainer.
 """
@@ -37,6 +42,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ..defs import RC, TaskResult
 from ..exceptions import AgentClosed, CallStateError, LocalProtocolError, RemoteProtocolError
@@ -50,6 +57,8 @@ from ._messages import (
     Hello,
     Log,
     Message,
+    Part,
+    PartRequest,
     Proof,
     Reject,
     Result,
@@ -97,6 +106,8 @@ class Submission:
     message: Result
     accepted: bool | None = None
     reason: str = ""
+    held: dict[str, Any] = field(default_factory=dict)
+    """The entries the result holds back for the site to fetch, kept until it is settled."""
 
 
 # Events returned by `AgentProtocol.receive`: what the site's message meant.
@@ -210,6 +221,7 @@ class AgentProtocol:
     _pending: TaskAssign | None = field(default=None, init=False)
     _current_id: str | None = field(default=None, init=False)  # fetched, not yet submitted
     _current_aborted: bool = field(default=False, init=False)
+    _current_holds: bool = field(default=False, init=False)  # its result holds back arrays
     _unsettled: dict[str, Submission] = field(default_factory=dict, init=False)
     _seen: RecentIds[None] = field(default_factory=RecentIds, init=False)
     _queued_logs: list[Log] = field(default_factory=list, init=False)
@@ -276,6 +288,7 @@ class AgentProtocol:
         for submission in self._unsettled.values():
             submission.accepted = False
             submission.reason = f"the agent closed before the site acknowledged: {reason}"
+            submission.held = {}
         self._unsettled.clear()
         if self._current_id is not None:
             self._current_aborted = True
@@ -377,12 +390,26 @@ class AgentProtocol:
             return [AbortReceived(task_id, fetched=True)]
         return []
 
+    def _part_requested(self, message: PartRequest) -> list[AgentEvent]:
+        task_id, key = message.task_id, message.key
+        submission = self._unsettled.get(task_id)
+        if submission is None:
+            error = f"no result of task {task_id!r} awaits the site's acknowledgement"
+        elif key not in submission.held:
+            error = f"the result of task {task_id!r} holds back no entry {key!r}"
+        else:
+            self._outbox.append(Part(task_id=task_id, key=key, value=submission.held[key]))
+            return []
+        self._outbox.append(Part(task_id=task_id, key=key, error=error))
+        return []
+
     def _result_acked(self, message: ResultAck) -> list[AgentEvent]:
         submission = self._unsettled.pop(message.task_id, None)
         if submission is None:
             return []  # the ack of a resend that was already acknowledged
         submission.accepted = message.accepted
         submission.reason = message.reason
+        submission.held = {}  # the arrays are the trainer's again
         return [ResultSettled(submission)]
 
     # -- the trainer's calls --------------------------------------------------------------------
@@ -406,6 +433,7 @@ class AgentProtocol:
         self._pending = None
         self._current_id = task.task_id
         self._current_aborted = False
+        self._current_holds = task.hold_arrays
         return task
 
     @property
@@ -432,13 +460,24 @@ class AgentProtocol:
         self._current_id = None
         if self._current_aborted or self.state is AgentState.CLOSED:
             return None
-        return self._queue_result(task_id, result)
+        return self._queue_result(task_id, result, hold_arrays=self._current_holds)
 
-    def _queue_result(self, task_id: str, result: TaskResult) -> Submission:
+    def _queue_result(
+        self, task_id: str, result: TaskResult, *, hold_arrays: bool = False
+    ) -> Submission:
+        data, held = result.data, {}
+        if hold_arrays and isinstance(data, dict):
+            held = {key: value for key, value in data.items() if isinstance(value, np.ndarray)}
+            if held:  # the keys' order stays; the arrays wait here for the site's requests
+                data = {key: None if key in held else value for key, value in data.items()}
         message = Result(
-            task_id=task_id, return_code=result.return_code, meta=result.meta, data=result.data
+            task_id=task_id,
+            return_code=result.return_code,
+            meta=result.meta,
+            data=data,
+            held=list(held),
         )
-        submission = Submission(task_id, message)
+        submission = Submission(task_id, message, held=held)
         self._unsettled[task_id] = submission
         if self.state is AgentState.READY:
             self._outbox.append(message)
@@ -493,6 +532,7 @@ _TRANSITIONS: dict[tuple[AgentState, type[Message]], _Transition] = {
     (AgentState.READY, TaskAssign): AgentProtocol._task_assigned,
     (AgentState.READY, Abort): AgentProtocol._aborted,
     (AgentState.READY, ResultAck): AgentProtocol._result_acked,
+    (AgentState.READY, PartRequest): AgentProtocol._part_requested,
     (AgentState.READY, Heartbeat): AgentProtocol._heartbeat_answered,
     (AgentState.READY, Bye): AgentProtocol._said_bye,
 }

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from ..exceptions import RemoteProtocolError
-from ._messages import Log, Message, Result, TaskAssign
+from ._messages import Log, Message, Part, Result, TaskAssign
 from ._payload import InvalidPayload, PayloadDecoder, encode_payload
 
 __all__ = ["FrameError", "FrameReader", "Limits", "encode_frame"]
@@ -41,6 +41,7 @@ _PAYLOAD_FIELDS: dict[type, tuple[str, ...]] = {
     TaskAssign: ("meta", "data"),
     Result: ("meta", "data"),
     Log: ("value", "options"),
+    Part: ("value",),
 }
 
 _encoder = msgspec.msgpack.Encoder()

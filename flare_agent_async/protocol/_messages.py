@@ -2,6 +2,7 @@
 
 A message is a frozen `msgspec.Struct`; its ``kind`` tag names it on the wire. New fields are added
 with defaults, so a newer peer still reads an older one's messages (msgspec's schema evolution);
+tasks and results leave out fields at their defaults, so an older peer reads what it knows;
 anything that changes meaning bumps `PROTOCOL_VERSION`, which the hello checks.
 """
 
@@ -20,6 +21,8 @@ __all__ = [
     "Hello",
     "Log",
     "Message",
+    "Part",
+    "PartRequest",
     "Proof",
     "Reject",
     "Result",
@@ -81,13 +84,16 @@ class Reject(_Base, tag="reject", frozen=True, kw_only=True):
     reason: str
 
 
-class TaskAssign(_Base, tag="task", frozen=True, kw_only=True):
+class TaskAssign(_Base, tag="task", frozen=True, kw_only=True, omit_defaults=True):
     """Site to agent: a task to run."""
 
     task_id: str
     task_name: str
     meta: dict[str, Any]
     data: Any = None
+    hold_arrays: bool = False
+    """The site fetches the result's arrays one at a time, as it needs them (`PartRequest`): the
+    agent's `Result` holds back the numpy arrays at the top of its data, until acknowledged."""
 
 
 class TaskAck(_Base, tag="task_ack", frozen=True, kw_only=True):
@@ -96,13 +102,32 @@ class TaskAck(_Base, tag="task_ack", frozen=True, kw_only=True):
     task_id: str
 
 
-class Result(_Base, tag="result", frozen=True, kw_only=True):
+class Result(_Base, tag="result", frozen=True, kw_only=True, omit_defaults=True):
     """Agent to site: the result of a task; resent after a reconnect until acknowledged."""
 
     task_id: str
     return_code: str
     meta: dict[str, Any]
     data: Any = None
+    held: list[str] = []
+    """The keys of the data's entries the agent holds back (None in their place), for the site
+    to fetch with `PartRequest` (when the task said ``hold_arrays``)."""
+
+
+class PartRequest(_Base, tag="part_request", frozen=True, kw_only=True):
+    """Site to agent: send one held-back entry of a result's data."""
+
+    task_id: str
+    key: str
+
+
+class Part(_Base, tag="part", frozen=True, kw_only=True):
+    """Agent to site: a held-back entry of a result's data, or why it cannot be sent."""
+
+    task_id: str
+    key: str
+    value: Any = None
+    error: str = ""
 
 
 class ResultAck(_Base, tag="result_ack", frozen=True, kw_only=True):
@@ -151,6 +176,8 @@ Message = (
     | TaskAssign
     | TaskAck
     | Result
+    | PartRequest
+    | Part
     | ResultAck
     | Abort
     | Heartbeat

@@ -18,13 +18,18 @@ Guarantees:
 * an agent may only answer tasks assigned to it: any other result is refused;
 * after a reconnect, tasks the agent has not acknowledged are sent again; after a restart (a new
   ``instance_id``) every unfinished task is, since the old process took its tasks with it;
-* an agent works on one task at a time: assigning a new one aborts the one it has (NVFlare's rule).
+* an agent works on one task at a time: assigning a new one aborts the one it has (NVFlare's rule);
+* a result that holds back arrays (a task assigned with ``hold_arrays``) is acknowledged only
+  when the site's caller calls `release`: until then the agent keeps the arrays, and each
+  `request_part` is asked again on every new connection. An agent that restarts or leaves
+  meanwhile fails the requests still open (`TaskLost`, `AgentGone`).
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +52,8 @@ from ._messages import (
     Hello,
     Log,
     Message,
+    Part,
+    PartRequest,
     Result,
     ResultAck,
     TaskAck,
@@ -56,8 +63,10 @@ from ._messages import (
 from ._util import RecentIds
 
 __all__ = [
+    "FetchEnded",
     "LogReceived",
     "LogRecord",
+    "PartFetch",
     "ResultRefused",
     "SessionState",
     "SiteConfig",
@@ -114,6 +123,8 @@ class SiteTask:
     released: bool = False  # the data was dropped once the agent had it (keep_task_data=False)
     result: TaskResult | None = None
     error: BaseException | None = None
+    held: tuple[str, ...] = ()
+    """The keys of the result's entries its agent holds back until `SiteSession.release`."""
 
     @property
     def task_id(self) -> str:
@@ -122,6 +133,22 @@ class SiteTask:
     @property
     def done(self) -> bool:
         return self.result is not None or self.error is not None
+
+
+@dataclass(eq=False)
+class PartFetch:
+    """One held-back entry of a result, asked of the agent: it ends with a ``value`` or an
+    ``error``, once."""
+
+    agent_id: str
+    task_id: str
+    key: str
+    value: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def _end(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error, self.done = value, error, True
 
 
 @dataclass(frozen=True)
@@ -156,7 +183,14 @@ class ResultRefused:
     reason: str
 
 
-SiteEvent = TaskFinished | LogReceived | ResultRefused
+@dataclass(frozen=True)
+class FetchEnded:
+    """A part fetch ended: with its value, or failed."""
+
+    fetch: PartFetch
+
+
+SiteEvent = TaskFinished | LogReceived | ResultRefused | FetchEnded
 
 
 @dataclass
@@ -176,15 +210,18 @@ class SiteSession:
     #: lost with a connection would let the agent start on a task the site no longer wants.
     _recent_aborts: deque[str] = field(default_factory=lambda: deque(maxlen=16), init=False)
     _outbox: list[Message] = field(default_factory=list, init=False)
+    #: Results whose agent holds back entries, by task id: each held key, with its open fetch.
+    _held: dict[str, dict[str, PartFetch | None]] = field(default_factory=dict, init=False)
 
     # -- connections ------------------------------------------------------------------------------
 
-    def connection_made(self, hello: Hello, proof: bytes = b"") -> list[SiteTask]:
+    def connection_made(self, hello: Hello, proof: bytes = b"") -> list[SiteTask | PartFetch]:
         """The agent (re)connected with an accepted hello: welcome it and resend what it lacks.
 
         ``proof`` is the site's `site_proof` when the agent authenticated with a shared secret.
         Returns the tasks that fail because the agent restarted after the site released their
-        data (``keep_task_data=False``).
+        data (``keep_task_data=False``), and the part fetches that fail because it restarted
+        with their result.
 
         :raises LocalProtocolError: the session is gone; make a new one for the agent.
         """
@@ -204,7 +241,22 @@ class SiteSession:
             )
         ]
         self._outbox.extend(Abort(task_id=task_id) for task_id in self._recent_aborts)
-        lost = []
+        lost: list[SiteTask | PartFetch] = []
+        if restarted:
+            lost.extend(
+                self._drop_held(
+                    lambda task_id: TaskLost(
+                        f"agent {self.agent_id!r} restarted before the site had fetched the arrays "
+                        f"of task {task_id!r}'s result"
+                    )
+                )
+            )
+        for task_id, fetches in self._held.items():
+            self._outbox.extend(
+                PartRequest(task_id=task_id, key=key)
+                for key, fetch in fetches.items()
+                if fetch is not None
+            )
         for task in list(self._tasks.values()):
             if task.released and restarted:
                 self._finish(
@@ -232,9 +284,18 @@ class SiteSession:
     # -- the site's calls -------------------------------------------------------------------------
 
     def assign(
-        self, task_id: str, task_name: str, meta: dict[str, Any], data: Any
+        self,
+        task_id: str,
+        task_name: str,
+        meta: dict[str, Any],
+        data: Any,
+        *,
+        hold_arrays: bool = False,
     ) -> tuple[SiteTask, list[SiteTask]]:
         """Assign a task; returns it and the tasks it superseded (now finished as aborted).
+
+        With ``hold_arrays``, the agent's result holds back the numpy arrays at the top of its
+        data (`SiteTask.held`), for `request_part`, until `release`.
 
         :raises AgentGone: the agent has left.
         :raises ValueError: ``task_id`` is already in use for this agent.
@@ -247,9 +308,10 @@ class SiteSession:
             self._abort(old, TaskAborted(f"task {old.task_id!r} was superseded by {task_id!r}"))
             for old in list(self._tasks.values())
         ]
-        task = SiteTask(
-            self.agent_id, TaskAssign(task_id=task_id, task_name=task_name, meta=meta, data=data)
+        message = TaskAssign(
+            task_id=task_id, task_name=task_name, meta=meta, data=data, hold_arrays=hold_arrays
         )
+        task = SiteTask(self.agent_id, message)
         self._tasks[task_id] = task
         if self.state is SessionState.CONNECTED:
             self._outbox.append(task.message)
@@ -287,24 +349,80 @@ class SiteSession:
         task.result = result
         task.error = error
 
-    def give_up(self, reason: str) -> list[SiteTask]:
+    def give_up(self, reason: str) -> list[SiteTask | PartFetch]:
         """The agent stayed away too long: it is gone and its unfinished tasks fail."""
         return self._gone(reason)
 
-    def close(self, reason: str) -> list[SiteTask]:
+    def close(self, reason: str) -> list[SiteTask | PartFetch]:
         """The site is closing: say goodbye and fail the unfinished tasks."""
         if self.state is SessionState.CONNECTED:
             self._outbox.append(Bye(reason=reason))
         return self._gone(f"the site closed: {reason}")
 
-    def _gone(self, reason: str) -> list[SiteTask]:
+    def _gone(self, reason: str) -> list[SiteTask | PartFetch]:
         if self.state is SessionState.GONE:
             return []
         self.state = SessionState.GONE
         self.gone_reason = reason
-        failed = list(self._tasks.values())
-        for task in failed:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             self._finish(task, error=AgentGone(f"agent {self.agent_id!r} is gone: {reason}"))
+        fetches = self._drop_held(lambda _: AgentGone(f"agent {self.agent_id!r} is gone: {reason}"))
+        return [*tasks, *fetches]
+
+    def _drop_held(self, error: Callable[[str], SiteError]) -> list[PartFetch]:
+        """Forget the held-back results; their open fetches end with ``error(task_id)``."""
+        failed = []
+        for task_id, fetches in self._held.items():
+            for fetch in fetches.values():
+                if fetch is not None:
+                    fetch._end(error=error(task_id))
+                    failed.append(fetch)
+        self._held.clear()
+        return failed
+
+    # -- held-back results ------------------------------------------------------------------------
+
+    def request_part(self, task_id: str, key: str) -> PartFetch:
+        """Ask the agent for an entry its result holds back; the fetch ends with a `FetchEnded`
+        event (or fails if the agent restarts or leaves first).
+
+        :raises ValueError: no result of this task holds back ``key`` (it was released, or the
+            key was never held), or the key is being fetched already.
+        """
+        fetches = self._held.get(task_id)
+        if fetches is None or key not in fetches:
+            raise ValueError(
+                f"no result of task {task_id!r} from agent {self.agent_id!r} holds back {key!r}"
+            )
+        if fetches[key] is not None:
+            raise ValueError(f"entry {key!r} of task {task_id!r}'s result is being fetched already")
+        fetch = fetches[key] = PartFetch(self.agent_id, task_id, key)
+        if self.state is SessionState.CONNECTED:
+            self._outbox.append(PartRequest(task_id=task_id, key=key))
+        return fetch
+
+    def cancel_part(self, fetch: PartFetch) -> None:
+        """The caller no longer waits for ``fetch``: its entry may be asked for again, and what
+        arrives for it is dropped."""
+        fetches = self._held.get(fetch.task_id)
+        if fetches is not None and fetches.get(fetch.key) is fetch:
+            fetches[fetch.key] = None
+
+    def release(self, task_id: str, *, accepted: bool = True, reason: str = "") -> list[PartFetch]:
+        """Acknowledge a result whose entries the site fetched (or no longer wants): the agent lets
+        go of them. Returns the fetches still open, now failed. Unknown task ids are ignored.
+        """
+        fetches = self._held.pop(task_id, None)
+        if fetches is None:
+            return []
+        if not accepted:  # what a resend of the result will be told
+            self._finished.add(task_id, reason or "the site refused the result")
+        if self.state is SessionState.CONNECTED:
+            self._outbox.append(ResultAck(task_id=task_id, accepted=accepted, reason=reason))
+        failed = [fetch for fetch in fetches.values() if fetch is not None]
+        for fetch in failed:
+            fetch._end(error=TaskLost(f"the result of task {task_id!r} was released"))
         return failed
 
     # -- messages from the agent ------------------------------------------------------------------
@@ -318,6 +436,8 @@ class SiteSession:
             return []
         if isinstance(message, Result):
             return self._result(message)
+        if isinstance(message, Part):
+            return self._part(message)
         if isinstance(message, TaskAck):
             task = self._tasks.get(message.task_id)
             if task is not None:
@@ -343,13 +463,37 @@ class SiteSession:
             )
             return [LogReceived(record)]
         if isinstance(message, Bye):
-            return [TaskFinished(task) for task in self._gone(f"it said goodbye: {message.reason}")]
+            ended = self._gone(f"it said goodbye: {message.reason}")
+            return [
+                TaskFinished(item) if isinstance(item, SiteTask) else FetchEnded(item)
+                for item in ended
+            ]
         raise RemoteProtocolError(
             f"unexpected {type(message).__name__} message from agent {self.agent_id!r}"
         )
 
+    def _part(self, message: Part) -> list[SiteEvent]:
+        fetches = self._held.get(message.task_id)
+        fetch = None if fetches is None else fetches.get(message.key)
+        if fetch is None:  # cancelled or released meanwhile, or a repeat after a reconnect
+            return []
+        assert fetches is not None
+        fetches[message.key] = None
+        if message.error:
+            fetch._end(
+                error=TaskLost(
+                    f"agent {self.agent_id!r} cannot send entry {message.key!r} of task "
+                    f"{message.task_id!r}'s result: {message.error}"
+                )
+            )
+        else:
+            fetch._end(value=message.value)
+        return [FetchEnded(fetch)]
+
     def _result(self, message: Result) -> list[SiteEvent]:
         task_id = message.task_id
+        if task_id in self._held:  # resent after a reconnect; it is being fetched
+            return []
         task = self._tasks.get(task_id)
         if task is None:
             refusal = self._finished.get(task_id)
@@ -368,8 +512,20 @@ class SiteSession:
                 task, error=RemoteProtocolError(f"agent {self.agent_id!r} sent a {reason}")
             )
             return [ResultRefused(task_id, reason), TaskFinished(task)]
+        held = message.held
+        if held:
+            data = message.data
+            if not isinstance(data, dict) or not all(
+                isinstance(key, str) and key in data for key in held
+            ):
+                raise RemoteProtocolError(
+                    f"agent {self.agent_id!r} holds back entries its result's data does not have"
+                )
+            self._held[task_id] = dict.fromkeys(held)
+            task.held = tuple(held)
+        else:
+            self._outbox.append(ResultAck(task_id=task_id, accepted=True))
         self._finish(task, result=result)
-        self._outbox.append(ResultAck(task_id=task_id, accepted=True))
         return [TaskFinished(task)]
 
     @property

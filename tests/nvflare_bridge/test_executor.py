@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import socket
 import sys
 import time
 import weakref
@@ -29,6 +30,9 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.np.np_downloader import download_arrays
+from nvflare.fuel.f3.cellnet.cell import Cell
+from nvflare.fuel.utils.fobs.decomposers.via_downloader import LazyDownloadRef
 
 from flare_agent_async import AgentClosed, AsyncFlareAgent, TaskResult
 from flare_agent_async.nvflare import AgentExecutor, NpzModelPersistor, result_to_shareable
@@ -424,3 +428,120 @@ async def test_log_records_are_fired_as_nvflares_analytics_events(
         ("acc", 0.75, 2, AnalyticsDataType.METRIC, LogWriterName.MLFLOW),
         ("loss", 0.5, 3, AnalyticsDataType.SCALAR, LogWriterName.TORCH_TB),
     ]
+
+
+# -- results relayed array by array ---------------------------------------------------------------
+
+
+class Cells:
+    """A server cell and a client job cell, in this process, as NVFlare connects them."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        url = f"tcp://127.0.0.1:{port}"
+        options: dict[str, Any] = {"secure": False, "credentials": {}}
+        self.server = Cell(fqcn="server", root_url=url, create_internal_listener=False, **options)
+        self.job = Cell(
+            fqcn=f"{SITE}.{JOB}", root_url=url, create_internal_listener=False, **options
+        )
+        self.server.start()
+        self.job.start()
+
+    def download(self, ref: LazyDownloadRef) -> tuple[str, dict[str, np.ndarray] | None]:
+        """What NVFlare's server does with a result's references: download the arrays."""
+        return download_arrays(ref.fqcn, ref.ref_id, per_request_timeout=10.0, cell=self.server)
+
+
+@pytest.fixture(scope="module")
+def cells() -> Iterator[Cells]:
+    cells = Cells()
+    yield cells
+    cells.job.stop()
+    cells.server.stop()
+
+
+@pytest.fixture
+def cell_ctx(fl_ctx: FLContext, cells: Cells) -> FLContext:
+    engine = fl_ctx.get_engine()
+    engine.get_cell = lambda: cells.job
+    return fl_ctx
+
+
+@asynccontextmanager
+async def trainer_of(executor: AgentExecutor, fl_ctx: FLContext) -> AsyncIterator[AsyncFlareAgent]:
+    """The executor running, and its agent connected; at most 20 s for the block."""
+    async with running(executor, fl_ctx):
+        agent = AsyncFlareAgent(executor.url or "", agent_id="a1", site_name=SITE)
+        with anyio.fail_after(20):
+            async with agent:
+                yield agent
+
+
+async def test_the_server_downloads_a_results_arrays_from_the_trainer_one_at_a_time(
+    cell_ctx: FLContext, cells: Cells
+) -> None:
+    arrays = {"w": np.arange(5, dtype=np.float32), "b": np.ones((2, 2))}
+    submitted: list[bool] = []
+    executor = AgentExecutor(agent_id="a1")
+    async with (
+        trainer_of(executor, cell_ctx) as agent,
+        anyio.create_task_group() as group,
+    ):
+        async with executing(executor, task_shareable({}), cell_ctx) as replies:
+            assert await agent.get_task() is not None
+
+            async def submit() -> None:
+                submitted.append(await agent.submit_result(TaskResult({}, {**arrays, "n": 3})))
+
+            group.start_soon(submit)
+        (reply,) = replies
+        assert reply.get_return_code() == ReturnCode.OK
+        data = from_shareable(reply).data
+        assert data["n"] == 3 and set(data) == {"w", "b", "n"}
+        refs = [data["w"], data["b"]]
+        assert all(isinstance(ref, LazyDownloadRef) for ref in refs)
+        assert submitted == []  # the trainer waits until the server has them
+        error, downloaded = await anyio.to_thread.run_sync(cells.download, refs[0])
+        assert not error and downloaded is not None
+        for key, ref in zip(["w", "b"], refs, strict=True):
+            np.testing.assert_array_equal(downloaded[ref.item_id], arrays[key])
+    assert submitted == [True]
+
+
+async def test_a_relayed_result_the_run_ends_before_the_server_takes_is_not_kept(
+    cell_ctx: FLContext,
+) -> None:
+    submitted: list[bool] = []
+    executor = AgentExecutor(agent_id="a1")
+    async with trainer_of(executor, cell_ctx) as agent, anyio.create_task_group() as group:
+        async with executing(executor, task_shareable({}), cell_ctx) as replies:
+            assert await agent.get_task() is not None
+
+            async def submit() -> None:
+                submitted.append(await agent.submit_result(TaskResult({}, {"w": np.ones(3)})))
+
+            group.start_soon(submit)
+        assert isinstance(from_shareable(replies[0]).data["w"], LazyDownloadRef)
+        await anyio.to_thread.run_sync(executor.handle_event, EventType.END_RUN, cell_ctx)
+    assert submitted == [False]
+
+
+async def test_results_without_arrays_to_relay_come_whole(cell_ctx: FLContext) -> None:
+    """A result with another return code is sent as that code (the trainer's result is settled
+    at once), and with ``relay_results=False`` the arrays come to the client job."""
+    for executor, result in [
+        (AgentExecutor(agent_id="a1"), TaskResult({}, {"w": np.ones(3)}, "EXECUTION_EXCEPTION")),
+        (AgentExecutor(agent_id="a1", relay_results=False), TaskResult({}, {"w": np.ones(3)})),
+    ]:
+        async with (
+            trainer_of(executor, cell_ctx) as agent,
+            executing(executor, task_shareable({}), cell_ctx) as replies,
+        ):
+            assert await agent.get_task() is not None
+            assert await agent.submit_result(result)
+        (reply,) = replies
+        assert reply.get_return_code() == result.return_code
+        if result.return_code == ReturnCode.OK:
+            np.testing.assert_array_equal(from_shareable(reply).data["w"], np.ones(3))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 import _jobs
+from nvflare.app_common.filters.exclude_vars import ExcludeVars
+from nvflare.job_config.defs import FilterType
 
 from flare_agent_async.nvflare import AgentExecutor
 
@@ -36,11 +39,22 @@ def check_job(workspace: Path, out_dir: Path) -> None:
 
 
 def test_agent_executor_runs_a_job_on_launched_agents(tmp_path: Path) -> None:
+    """site-1's results go to the server array by array from its trainer; site-2 has a result
+    filter, which reads each result in the client job: its results come there whole."""
     out_dir = tmp_path / "trainers"
     out_dir.mkdir()
     launch = f"{sys.executable} {TRAINER} {{url}} {{site_name}} {{agent_id}} auto {out_dir}"
-    executor = AgentExecutor(agent_id="trainer", launch=launch, agent_connect_timeout=30)
-    job = _jobs.fedavg_job("agent_executor", executor, tmp_path / "initial.npz")
+    executors = {
+        site: AgentExecutor(agent_id="trainer", launch=launch, agent_connect_timeout=30)
+        for site in SITES
+    }
+    job = _jobs.fedavg_job("agent_executor", executors, tmp_path / "initial.npz")
+    job.to(
+        ExcludeVars(["excludes_nothing"]),
+        "site-2",
+        tasks=["train"],
+        filter_type=FilterType.TASK_RESULT,
+    )
     started = time.monotonic()
     process, workspace = _jobs.start_simulator(job, tmp_path)
     assert _jobs.finish_simulator(process) == 0, (tmp_path / "simulator.out").read_text()[-3000:]
@@ -48,6 +62,15 @@ def test_agent_executor_runs_a_job_on_launched_agents(tmp_path: Path) -> None:
     check_job(workspace, out_dir)
     urls = [(workspace / site / "simulate_job" / "flare_agent_async.url") for site in SITES]
     assert all(url.read_text().startswith("tcp://127.0.0.1:") for url in urls)
+    relayed = Counter(
+        site
+        for path in workspace.rglob("log.txt")
+        for line in path.read_text().splitlines()
+        if "downloads the result's 2 arrays from the agent" in line
+        for site in SITES
+        if site in line
+    )
+    assert relayed == Counter({"site-1": _jobs.ROUNDS})
 
 
 def test_our_agents_serve_a_stock_ipc_exchanger_job(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,12 +28,15 @@ from flare_agent_async.protocol import (
     AgentState,
     BadTaskReceived,
     Bye,
+    FetchEnded,
     Heartbeat,
     Hello,
     Log,
     LogReceived,
     LogRecord,
     Message,
+    Part,
+    PartRequest,
     Result,
     ResultAck,
     ResultRefused,
@@ -929,3 +933,147 @@ def test_random_interleavings_keep_the_guarantees(actions: list[str]) -> None:
     kept = [tid for tid, task in site_tasks.items() if task.result is not None]
     accepted = [s.task_id for s, _ in submissions if s.accepted]
     assert sorted(kept) == sorted(accepted)
+
+
+# -- results that hold back their arrays ----------------------------------------------------------
+
+
+def held_link(arrays: dict[str, Any] | None = None) -> tuple[Link, SiteTask, Submission]:
+    """A link whose agent submitted ``{"a": .., "n": 3, "b": ..}`` for a task that holds arrays."""
+    link = new_link()
+    site_task, _ = link.session.assign("t1", "train", {}, {"x": 1}, hold_arrays=True)
+    link.pump()
+    assert link.agent.fetch_task() is not None
+    data = arrays if arrays is not None else {"a": np.arange(3), "n": 3, "b": np.ones(2)}
+    submission = link.agent.submit(TaskResult({"m": 1}, data))
+    assert submission is not None
+    link.pump()
+    return link, site_task, submission
+
+
+def test_a_held_result_finishes_the_task_without_its_arrays_and_waits_for_release() -> None:
+    link, site_task, submission = held_link()
+
+    assert site_task.held == ("a", "b")
+    assert site_task.result is not None
+    assert site_task.result.data == {"a": None, "n": 3, "b": None}
+    assert submission.accepted is None  # no acknowledgement before the release
+    assert link.agent.unsettled == 1
+
+
+def test_a_part_request_gets_the_agents_own_array_and_the_release_settles_the_result() -> None:
+    link, _, submission = held_link()
+    array = submission.held["b"]
+
+    fetch = link.session.request_part("t1", "b")
+    link.pump()
+
+    assert [type(e) for e in link.site_events[-1:]] == [FetchEnded]
+    assert fetch.done and fetch.error is None and fetch.value is array
+    assert link.session.release("t1") == []
+    link.pump()
+    assert submission.accepted is True
+    assert link.agent.unsettled == 0 and submission.held == {}
+
+
+def test_a_part_request_lost_with_its_connection_is_asked_again_and_the_result_not_twice() -> None:
+    link, _, submission = held_link()
+    fetch = link.session.request_part("t1", "a")
+    link.to_agent()  # the request arrives; its answer is lost with the connection
+
+    link.reconnect()
+    link.pump()
+
+    assert fetch.done and fetch.value is submission.held["a"]
+    assert link.finished() == Counter({"t1": 1})  # the resent result is not a second finish
+
+
+def test_an_agent_that_restarts_or_leaves_fails_the_open_fetches() -> None:
+    link, _, _ = held_link()
+    fetch = link.session.request_part("t1", "a")
+    link.drop()
+    lost = link.session.connection_made(hello(instance_id="instance-2"))
+    assert lost == [fetch]
+    assert isinstance(fetch.error, TaskLost)
+    with pytest.raises(ValueError, match="holds back"):
+        link.session.request_part("t1", "a")
+
+    link, _, _ = held_link()
+    fetch = link.session.request_part("t1", "a")
+    link.agent.close("stopping")
+    link.to_site()
+    assert isinstance(fetch.error, AgentGone)
+    assert [type(e) for e in link.site_events[-1:]] == [FetchEnded]
+
+
+def test_part_requests_that_cannot_be_made() -> None:
+    link, _, _ = held_link()
+    with pytest.raises(ValueError, match="holds back 'n'"):
+        link.session.request_part("t1", "n")  # not held back
+    with pytest.raises(ValueError, match="holds back"):
+        link.session.request_part("t2", "a")
+    link.session.request_part("t1", "a")
+    with pytest.raises(ValueError, match="being fetched already"):
+        link.session.request_part("t1", "a")
+    (open_fetch,) = link.session.release("t1")
+    assert isinstance(open_fetch.error, TaskLost)
+    with pytest.raises(ValueError, match="holds back"):
+        link.session.request_part("t1", "b")
+    assert link.session.release("t1") == []  # a second release does nothing
+
+
+def test_a_cancelled_fetch_drops_its_late_part_and_may_be_asked_again() -> None:
+    link, _, submission = held_link()
+    fetch = link.session.request_part("t1", "a")
+    link.to_agent()
+    link.session.cancel_part(fetch)
+    events = len(link.site_events)
+    link.pump()
+    assert not fetch.done and len(link.site_events) == events
+
+    again = link.session.request_part("t1", "a")
+    link.pump()
+    assert again.value is submission.held["a"]
+
+
+def test_a_refused_release_is_what_the_agent_and_a_later_resend_are_told() -> None:
+    link, _, submission = held_link()
+    link.drop()
+    link.session.release("t1", accepted=False, reason="upload failed")
+    link.connect()  # the agent resends its result: it is refused with the same reason
+    link.pump()
+    assert submission.accepted is False
+    assert submission.reason == "upload failed"
+
+
+def test_an_agent_asked_for_what_it_does_not_hold_says_so_and_the_fetch_fails() -> None:
+    link, _, _ = held_link()
+    agent = link.agent
+    agent.data_to_send()
+    for task_id, key in [("t1", "n"), ("t9", "a")]:
+        assert agent.receive(PartRequest(task_id=task_id, key=key)) == []
+    replies = agent.data_to_send()
+    assert [(r.key, r.value) for r in replies if isinstance(r, Part)] == [("n", None), ("a", None)]
+    assert all(isinstance(r, Part) and r.error for r in replies)
+
+    fetch = link.session.request_part("t1", "a")
+    link.session.data_to_send()
+    assert link.session.receive(Part(task_id="t1", key="a", error="it is gone")) == [
+        FetchEnded(fetch)
+    ]
+    assert isinstance(fetch.error, TaskLost) and "it is gone" in str(fetch.error)
+
+
+def test_a_task_that_holds_arrays_with_a_result_of_none_is_acknowledged_at_once() -> None:
+    _, site_task, submission = held_link({"n": 1})
+    assert site_task.held == ()
+    assert submission.accepted is True
+
+
+def test_a_result_that_holds_back_what_its_data_lacks_is_a_protocol_error() -> None:
+    session = connected_session()
+    assign(session, "t1")
+    with pytest.raises(RemoteProtocolError, match="holds back"):
+        session.receive(
+            Result(task_id="t1", return_code=RC.OK, meta={}, data={"a": None}, held=["a", "b"])
+        )

@@ -1,0 +1,115 @@
+"""A result's arrays go to the NVFlare server straight from the trainer, one at a time.
+
+The client job asks the agent to hold back its result's arrays (`FlareSite.run_task` with
+``hold_arrays``), and hands NVFlare a result whose arrays are `LazyDownloadRef`\\ s to a download
+transaction on the client job's own cell: NVFlare's way of saying "download these from there",
+which its server already follows for its own Client API. As the server downloads each array, the
+transaction fetches it from the agent, serialises it as NVFlare's numpy downloads do, and lets go
+of it. When the transaction ends, the result is released: the trainer's ``submit_result`` returns
+(True if the server downloaded every array). So the client job holds an array or two at a time,
+never the whole result.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import anyio.from_thread
+import numpy as np
+from nvflare.apis.fl_constant import FilterKey, FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.utils.task_utils import get_filters
+from nvflare.app_common.np.np_downloader import ArrayDownloadable
+from nvflare.fuel.f3.streaming.obj_downloader import ObjectDownloader
+from nvflare.fuel.f3.streaming.transfer_outcome import TransactionDoneStatus
+from nvflare.fuel.utils.fobs import dots
+from nvflare.fuel.utils.fobs.decomposers.via_downloader import LazyDownloadRef
+from nvflare.private.privacy_manager import Scope
+
+from ..defs import TaskResult
+from ..site import HeldResult
+
+__all__ = ["consumed_in_client", "relay"]
+
+DOWNLOAD_TIMEOUT = 600.0
+"""Seconds the server may stay silent in the middle of downloading a result (NVFlare's default
+streaming idle timeout); then the transaction ends, and the result is refused at the agent."""
+_CHUNK_BYTES = 2 * 2**20  # NVFlare's own for numpy downloads: one array per item beyond it
+
+
+class _HeldArrays(ArrayDownloadable):  # type: ignore[misc]
+    """The held-back arrays of a result, as NVFlare's download service serves them: item ``i``
+    is the array of ``keys[i]``, fetched from the agent when the server asks for it."""
+
+    def __init__(self, item_ids: list[str], keys: list[str], fetch: Callable[[str], Any]) -> None:
+        super().__init__(dict.fromkeys(item_ids), _CHUNK_BYTES)
+        self._keys = keys
+        self._fetch = fetch
+
+    def produce_item(self, index: int) -> bytes:
+        array = self._fetch(self._keys[index])
+        stream = io.BytesIO()
+        # The serialised copy is NVFlare's format for a numpy download (np.savez, one array per
+        # item); the array itself is dropped when this returns.
+        np.savez(stream, allow_pickle=False, **{self.keys[index]: array})
+        return stream.getvalue()
+
+
+def relay(
+    result: HeldResult, cell: Any, portal: anyio.from_thread.BlockingPortal
+) -> tuple[TaskResult, Callable[[], None]]:
+    """``result`` with a `LazyDownloadRef` to ``cell``'s download service in place of each held
+    array, and a function that abandons the download (if the result is not sent after all). The
+    result is released when the server's download ends, is abandoned, or times out."""
+
+    def fetch(key: str) -> Any:
+        return portal.call(result.fetch, key)
+
+    def done(transaction_id: str, status: str, objects: list[Any]) -> None:
+        accepted = status == TransactionDoneStatus.FINISHED
+        reason = "" if accepted else f"the server's download of the result ended: {status}"
+        try:
+            portal.call(result.release, accepted, reason)
+        except RuntimeError:  # the site's loop is gone (the run ended): it released everything
+            pass
+
+    keys = list(result.held)
+    item_ids = [f"A{index}" for index in range(len(keys))]
+    downloader = ObjectDownloader(
+        cell=cell, timeout=DOWNLOAD_TIMEOUT, num_receivers=1, transaction_done_cb=done
+    )
+    ref_id = downloader.add_object(_HeldArrays(item_ids, keys, fetch))
+    fqcn = cell.get_fqcn()
+    data = dict(result.data)
+    for key, item_id in zip(keys, item_ids, strict=True):
+        data[key] = LazyDownloadRef(fqcn, ref_id, item_id, dots.NUMPY_DOWNLOAD)
+    return TaskResult(result.meta, data, result.return_code), downloader.delete_transaction
+
+
+def consumed_in_client(task_name: str, fl_ctx: FLContext) -> bool:
+    """Whether something in the client job reads the task's result before it is sent: a result
+    filter, or a component that says so (``requires_materialized_task_result``), as NVFlare's
+    Client API executor asks. Then the result comes to the client job whole."""
+    runner = fl_ctx.get_prop(FLContextKey.RUNNER)
+    active = fl_ctx.get_prop(FLContextKey.TASK_NAME)
+    if active != task_name:  # run by a workflow inside the client: does it read the result?
+        find = getattr(runner, "find_executor", None)
+        outer = find(active) if callable(find) and isinstance(active, str) else None
+        requires = getattr(outer, "requires_materialized_task_result", None)
+        return callable(requires) and requires(task_name) is True
+    filters = getattr(runner, "task_result_filters", None)
+    if isinstance(filters, dict) and get_filters(
+        Scope.TASK_RESULT_FILTERS_NAME, fl_ctx, filters, task_name, FilterKey.OUT
+    ):
+        return True
+    engine = fl_ctx.get_engine()
+    components = getattr(engine, "get_all_components", lambda: None)()
+    if not isinstance(components, dict):
+        return False
+    for component in components.values():
+        requires = getattr(component, "requires_materialized_task_result", None)
+        if callable(requires) and requires(task_name) is True:
+            return True
+    return False

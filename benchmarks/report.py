@@ -678,9 +678,11 @@ trainer run four ways. **A**: NVFlare's Client API, the script in an external pr
 (`ScriptRunner(launch_external_process=True)`); **B**: the same script in the client job's
 process; **C**: our `AgentExecutor` launching a `SyncFlareAgent` echo loop; **D**: A's job
 converted to our `AgentExecutor` by `use_agent_executor`, its script with
-`flare_agent_async.client` imported in place of `nvflare.client`. Every trainer returns the model
-it receives, and drops its reference to it (`del model`, `del task`) once the result is sent and
-before it asks for the next, so that a trainer's memory is what its library holds. The server
+`flare_agent_async.client` imported in place of `nvflare.client`. In C and D the server downloads
+each result's arrays from the trainer through the client job (`relay_results`, the executor's
+default). Every trainer returns the model it receives, and drops its reference to it
+(`del model`, `del task`) once the result is sent and before it asks for the next, so that a
+trainer's memory is what its library holds. The server
 is the same for all: an in-memory model of float32 arrays (1 KiB in 2, the larger ones in 8),
 checked at the end of the run to be the initial one, NVFlare's in-time weighted aggregator and
 `ScatterAndGather`. The client asks the server for a task every {job_interval}.
@@ -746,33 +748,36 @@ comparison.""",
 Peak RSS counts every page a process touched during the transfers, including the transport's
 buffers.""",
     "CJ peak RSS growth": """
-In a job the client job (CJ) takes the task from the server and sends the result back on
-NVFlare's own messaging. `AgentExecutor` lets go of the task's arrays once the trainer has them
-and of the result's once NVFlare has sent it, so between rounds the CJ holds no model; its peak
-comes while NVFlare sends the result, which it serializes into chunks of its own (`np.savez` per
-array, in its downloader) next to the result's arrays. NVFlare's Client API in process (B) costs
-the CJ about as much as ours. Part of the growth, at every size, is memory freed in the CJ and
-kept by the C allocator; `MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks --only job` fixes
-glibc's mmap threshold at 1 MiB for the simulator and its processes, to see how much, at the cost
-of much slower transfers (see [Running inside NVFlare](nvflare.md)). NVFlare's
-external process (A) keeps its CJ small because the CJ forwards the task as a reference
-(NVFlare's pass-through) and its trainer downloads the model from the server itself: there the
-trainer pays instead.""",
+In a job the client job (CJ) takes the task from the server on NVFlare's own messaging, which
+decodes it whole into the CJ, and `AgentExecutor` lets go of its arrays once the trainer has
+them. The result never comes to the CJ whole: the server downloads its arrays from the trainer
+one at a time, through the CJ, which fetches each from the agent as the server asks for it and
+serializes it as NVFlare does (`np.savez` per array). So the CJ's peak is NVFlare's download of
+the task (its chunks, the decoded arrays) and the allocator's keep of what that freed, which
+weighs most against a small model. NVFlare's Client API in process (B) holds the model in the
+CJ. Part of the growth, at every size, is memory freed in the CJ and kept by the C allocator;
+`MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks --only job` fixes glibc's mmap threshold at
+1 MiB for the simulator and its processes, to see how much, at the cost of slower transfers (see
+[Running inside NVFlare](nvflare.md#the-client-jobs-memory)). NVFlare's external process (A)
+keeps its CJ small because its CJ forwards the task as a reference (NVFlare's pass-through) and
+its trainer downloads the model from the server itself: there the trainer pays instead.""",
     "echo trainer's peak RSS growth": """
 An echo trainer needs the model it received (1.00x); anything above that is what its library
 holds while the result goes back.""",
     "the whole client": """
 The whole client is the CJ's peak and the trainer's added. A's CJ never holds the model (it
-forwards a reference, above), so A's whole client is about its trainer's; ours holds the model in
-both processes, and stays below A's only while each holds little more than the model: the CJ's
-share is NVFlare's (above), the trainer's the agent's.""",
+forwards a reference, above), so A's whole client is about its trainer's, which holds the model
+more than twice over at 1 GiB. Ours holds it once in the trainer, and in the CJ the task's
+download from the server (above): below A's while that download costs the CJ less than A's
+trainer holds above the model.""",
     "dispatch to result at most": """
 From dispatch to result the model crosses from the server to the client job and back on
 NVFlare's messaging. In A the CJ forwards a reference and the trainer downloads the model from
 the server itself, inside execute(); `AgentExecutor` is handed the task once NVFlare has
-downloaded and decoded it into the CJ. Ours to the trainer and back (execute()) is several times
-faster than A's, but it comes after that download into the CJ, which A's CJ does not make, and
-the download is most of what is left.""",
+downloaded and decoded it into the CJ, and the server downloads the result through the CJ from
+the trainer after execute(), as it does from A's trainer. Ours to the trainer (execute()) is
+faster than A's, but the task's download into the CJ comes before it, which A's CJ does not
+make, and NVFlare's downloads are most of the time.""",
     "dispatch to result no worse": """
 With a tiny model, dispatch to result is mostly NVFlare's messaging between the server and the
 CJ around execute(). Ours is the small part of it (execute() takes a few ms against A's ~20 ms);

@@ -279,7 +279,8 @@ class FlareSite:
             if not task.done:
                 session.abort(task.task_id)
             else:  # the result came as the call ended: nobody will fetch what it holds back
-                self._finished(session.release(task.task_id, accepted=False, reason="cancelled"))
+                reason = "the site stopped waiting for the result"
+                self._finished(session.release(task.task_id, accepted=False, reason=reason))
             self._wake(agent_id)
             raise
         finally:
@@ -289,11 +290,10 @@ class FlareSite:
         result = task.result
         assert result is not None
         if hold_arrays:
-            return HeldResult(self, task, result)
+            return HeldResult(self, session, task, result)
         return result
 
-    async def _fetch(self, task: SiteTask, key: str) -> Any:
-        session = self._session(task.agent_id)
+    async def _fetch(self, session: SiteSession, task: SiteTask, key: str) -> Any:
         fetch = session.request_part(task.task_id, key)
         self._wake(task.agent_id)
         done = self._waiters[fetch] = anyio.Event()
@@ -308,11 +308,9 @@ class FlareSite:
             raise fetch.error
         return fetch.value
 
-    def _release(self, task: SiteTask, accepted: bool, reason: str) -> None:
-        agent = self._agents.get(task.agent_id)
-        if agent is not None:
-            self._finished(agent.session.release(task.task_id, accepted=accepted, reason=reason))
-            self._wake(task.agent_id)
+    def _release(self, session: SiteSession, task: SiteTask, accepted: bool, reason: str) -> None:
+        self._finished(session.release(task.task_id, accepted=accepted, reason=reason))
+        self._wake(task.agent_id)
 
     async def abort_task(self, agent_id: str, task_id: str) -> bool:
         """Abort a task: its `run_task` raises `TaskAborted`, the agent is told to stop it.
@@ -513,14 +511,18 @@ class HeldResult(TaskResult):
     a fetch interrupted by a reconnect is asked again on the new connection.
     """
 
-    def __init__(self, site: FlareSite, task: SiteTask, result: TaskResult) -> None:
+    def __init__(
+        self, site: FlareSite, session: SiteSession, task: SiteTask, result: TaskResult
+    ) -> None:
         super().__init__(result.meta, result.data, result.return_code)
         self.task_id = task.task_id
         self.held: tuple[str, ...] = task.held
         """The keys of the held-back entries, in the data's order."""
-        self._site = site
-        self._task = task
         self.released = False
+        """Whether `release` was called."""
+        self._site = site
+        self._session = session  # the agent's session then: a later one knows nothing of it
+        self._task = task
 
     async def fetch(self, key: str) -> Any:
         """One held-back entry, from the agent; it is not kept here (fetch it again if need be).
@@ -534,7 +536,7 @@ class HeldResult(TaskResult):
         """
         if self.released:
             raise CallStateError(f"the result of task {self.task_id!r} was released")
-        return await self._site._fetch(self._task, key)
+        return await self._site._fetch(self._session, self._task, key)
 
     async def release(self, accepted: bool = True, reason: str = "") -> None:
         """Tell the agent the site is done with the result: its ``submit_result`` returns
@@ -543,7 +545,7 @@ class HeldResult(TaskResult):
         if not self.released:
             self.released = True
             if self.held:
-                self._site._release(self._task, accepted, reason)
+                self._site._release(self._session, self._task, accepted, reason)
         await anyio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> Self:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
@@ -144,3 +145,22 @@ def site_thread(**site_options: Any) -> Iterator[SiteThread]:
         with portal.wrap_async_context_manager(site):
             url = portal.call(site.listen, "tcp://127.0.0.1:0")
             yield SiteThread(portal, site, url)
+
+
+@pytest.fixture(scope="session")
+def server_cell() -> Iterator[tuple[Any, str]]:
+    """NVFlare's root cell ("server") in this process, and its URL, for job cells to join.
+
+    NVFlare keeps every cell it made by name for the life of the process, and routes in-process
+    messages by name, so the tests of one run share one."""
+    cell_module = pytest.importorskip("nvflare.fuel.f3.cellnet.cell")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"tcp://127.0.0.1:{port}"
+    root = cell_module.Cell(
+        fqcn="server", root_url=url, create_internal_listener=False, secure=False, credentials={}
+    )
+    root.start()
+    yield root, url
+    root.stop()

@@ -661,5 +661,7 @@ async def test_an_agent_that_does_not_come_back_fails_the_open_fetch_with_agent_
             faulty.refuse_connections = True
             with anyio.fail_after(10), pytest.raises(AgentGone, match="did not reconnect"):
                 await result.fetch("w")
+            with pytest.raises(AgentGone, match="did not reconnect"):
+                await result.fetch("b")
             await agent.stop()
         assert agent.submitted == [False]  # type: ignore[attr-defined]

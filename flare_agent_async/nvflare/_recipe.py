@@ -47,6 +47,7 @@ class ExecutorOptions(TypedDict, total=False):
     tls_client_ca: str | None
     abort_check_interval: float
     backend: str
+    relay_results: bool
 
 
 def use_agent_executor(recipe: R, **options: Unpack[ExecutorOptions]) -> R:

@@ -387,9 +387,12 @@ class SiteSession:
         """Ask the agent for an entry its result holds back; the fetch ends with a `FetchEnded`
         event (or fails if the agent restarts or leaves first).
 
+        :raises AgentGone: the agent has left.
         :raises ValueError: no result of this task holds back ``key`` (it was released, or the
             key was never held), or the key is being fetched already.
         """
+        if self.state is SessionState.GONE:
+            raise AgentGone(f"agent {self.agent_id!r} is gone: {self.gone_reason}")
         fetches = self._held.get(task_id)
         if fetches is None or key not in fetches:
             raise ValueError(

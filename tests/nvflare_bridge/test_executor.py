@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
-import socket
 import sys
 import time
 import weakref
@@ -21,6 +20,7 @@ import trustme
 
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
+from _jobs import CELL_OPTIONS
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
@@ -434,19 +434,12 @@ async def test_log_records_are_fired_as_nvflares_analytics_events(
 
 
 class Cells:
-    """A server cell and a client job cell, in this process, as NVFlare connects them."""
+    """A client job's cell under the server's, in this process, as NVFlare connects them."""
 
-    def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        url = f"tcp://127.0.0.1:{port}"
-        options: dict[str, Any] = {"secure": False, "credentials": {}}
-        self.server = Cell(fqcn="server", root_url=url, create_internal_listener=False, **options)
-        self.job = Cell(
-            fqcn=f"{SITE}.{JOB}", root_url=url, create_internal_listener=False, **options
-        )
-        self.server.start()
+    def __init__(self, server: Cell, url: str) -> None:
+        self.server = server
+        options: dict[str, Any] = {"create_internal_listener": False, **CELL_OPTIONS}
+        self.job = Cell(fqcn=f"{SITE}.{JOB}", root_url=url, **options)
         self.job.start()
 
     def download(self, ref: LazyDownloadRef) -> tuple[str, dict[str, np.ndarray] | None]:
@@ -455,11 +448,10 @@ class Cells:
 
 
 @pytest.fixture(scope="module")
-def cells() -> Iterator[Cells]:
-    cells = Cells()
+def cells(server_cell: tuple[Cell, str]) -> Iterator[Cells]:
+    cells = Cells(*server_cell)
     yield cells
     cells.job.stop()
-    cells.server.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ A test cell plays NVFlare's IPCExchanger: it pushes tasks, aborts and the goodby
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
+from _jobs import CELL_OPTIONS
 from nvflare.fuel.f3.cellnet.cell import Cell
 from nvflare.fuel.f3.cellnet.cell import Message as CellMessage
 from nvflare.fuel.f3.cellnet.defs import MessageHeaderKey, ReturnCode
@@ -32,19 +32,14 @@ SITE = "site-cells"
 class Exchanger:
     """The exchanger's side: a job cell under a root cell, both in this process."""
 
-    def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        url = f"tcp://127.0.0.1:{port}"
-        self.agent_url = f"nvflare-ipc://127.0.0.1:{port}"
-        options: dict[str, Any] = {"secure": False, "credentials": {}}
-        self.root = Cell(fqcn="server", root_url=url, create_internal_listener=False, **options)
-        self.job = Cell(fqcn=f"{SITE}.job", root_url=url, create_internal_listener=False, **options)
+    def __init__(self, root: Cell, url: str) -> None:
+        self.agent_url = url.replace("tcp://", "nvflare-ipc://")
+        self.root = root
+        options: dict[str, Any] = {"create_internal_listener": False, **CELL_OPTIONS}
+        self.job = Cell(fqcn=f"{SITE}.job", root_url=url, **options)
         self.results: list[CellMessage] = []
         self.accept_results = True
         self.job.register_request_cb(channel="flare_agent", topic="submit_result", cb=self._result)
-        self.root.start()
         self.job.start()
 
     def _result(self, request: CellMessage) -> CellMessage:
@@ -86,11 +81,10 @@ class Exchanger:
 
 
 @pytest.fixture(scope="module")
-def exchanger() -> Iterator[Exchanger]:
-    exchanger = Exchanger()
+def exchanger(server_cell: tuple[Cell, str]) -> Iterator[Exchanger]:
+    exchanger = Exchanger(*server_cell)
     yield exchanger
     exchanger.job.stop()
-    exchanger.root.stop()
 
 
 async def test_tasks_results_and_the_goodbye_cross_nvflare_cells(

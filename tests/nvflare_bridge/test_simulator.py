@@ -39,8 +39,9 @@ def check_job(workspace: Path, out_dir: Path) -> None:
 
 
 def test_agent_executor_runs_a_job_on_launched_agents(tmp_path: Path) -> None:
-    """site-1's results go to the server array by array from its trainer; site-2 has a result
-    filter, which reads each result in the client job: its results come there whole."""
+    """site-2's results go to the server array by array from its trainer (a `SyncFlareAgent`);
+    site-1 has a result filter, which reads each result in the client job: its results come
+    there whole."""
     out_dir = tmp_path / "trainers"
     out_dir.mkdir()
     launch = f"{sys.executable} {TRAINER} {{url}} {{site_name}} {{agent_id}} auto {out_dir}"
@@ -51,7 +52,7 @@ def test_agent_executor_runs_a_job_on_launched_agents(tmp_path: Path) -> None:
     job = _jobs.fedavg_job("agent_executor", executors, tmp_path / "initial.npz")
     job.to(
         ExcludeVars(["excludes_nothing"]),
-        "site-2",
+        "site-1",
         tasks=["train"],
         filter_type=FilterType.TASK_RESULT,
     )
@@ -70,7 +71,7 @@ def test_agent_executor_runs_a_job_on_launched_agents(tmp_path: Path) -> None:
         for site in SITES
         if site in line
     )
-    assert relayed == Counter({"site-1": _jobs.ROUNDS})
+    assert relayed == Counter({"site-2": _jobs.ROUNDS})
 
 
 def test_our_agents_serve_a_stock_ipc_exchanger_job(tmp_path: Path) -> None:

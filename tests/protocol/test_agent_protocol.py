@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+import numpy as np
 import pytest
 
 from flare_agent_async.defs import RC, TaskResult
@@ -809,3 +811,43 @@ def test_bye_from_site_closes_agent() -> None:
     # connection_lost after the close keeps it closed.
     agent.connection_lost()
     assert agent.state is AgentState.CLOSED
+
+
+# -- results that hold back their arrays ----------------------------------------------------------
+
+
+def held_submission(agent: AgentProtocol, hold_arrays: bool = True) -> Submission:
+    agent.receive(msgspec.structs.replace(assign("t1"), hold_arrays=hold_arrays))
+    agent.data_to_send()
+    assert agent.fetch_task() is not None
+    submission = agent.submit(TaskResult({}, {"w": np.ones(2), "n": 1, "b": np.zeros(1)}))
+    assert submission is not None
+    return submission
+
+
+def test_a_result_holds_back_its_arrays_only_for_a_task_that_asks() -> None:
+    agent = ready_agent()
+    held = held_submission(agent)
+    (sent,) = results(agent.data_to_send())
+    assert (sent.data, sent.held) == ({"w": None, "n": 1, "b": None}, ["w", "b"])
+    assert list(held.held) == ["w", "b"]
+
+    agent = ready_agent()
+    whole = held_submission(agent, hold_arrays=False)
+    (sent,) = results(agent.data_to_send())
+    assert sent.held == [] and sent.data["w"] is whole.message.data["w"]
+    assert whole.held == {}
+
+
+def test_held_arrays_are_kept_until_the_result_settles_or_the_agent_closes() -> None:
+    agent = ready_agent()
+    settled = held_submission(agent)
+    agent.receive(ResultAck(task_id="t1", accepted=True))
+    assert settled.held == {}
+
+    agent = ready_agent()
+    closed = held_submission(agent)
+    agent.connection_lost()  # a reconnect keeps them: the site may still ask
+    assert list(closed.held) == ["w", "b"]
+    agent.close("stopping")
+    assert closed.held == {} and closed.accepted is False

@@ -1004,6 +1004,8 @@ def test_an_agent_that_restarts_or_leaves_fails_the_open_fetches() -> None:
     link.to_site()
     assert isinstance(fetch.error, AgentGone)
     assert [type(e) for e in link.site_events[-1:]] == [FetchEnded]
+    with pytest.raises(AgentGone):
+        link.session.request_part("t1", "b")
 
 
 def test_part_requests_that_cannot_be_made() -> None:

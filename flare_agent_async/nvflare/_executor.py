@@ -212,6 +212,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._engine: Any = None  # NVFlare's engine, for the analytics events of log records
         self._cell: Any = None  # the client job's cell, which serves relayed results
+        self._relayed: Callable[[], None] | None = None  # abandons the last relayed result
         self._host_future: concurrent.futures.Future[None] | None = None
         self._site: FlareSite | None = None
         self._sent_result: dict[str, Any] | None = None  # the arrays of the result NVFlare sends
@@ -424,7 +425,16 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
+    def _abandon_relayed(self) -> None:
+        """Settle the last relayed result, if the server has not: NVFlare may drop a reply after
+        `execute` (an abort, a task the server no longer wants), and then nothing downloads it.
+        A download that completed stays completed."""
+        abandon, self._relayed = self._relayed, None
+        if abandon is not None:
+            abandon()
+
     def _shutdown(self) -> None:
+        self._abandon_relayed()
         portal, self._portal = self._portal, None
         if portal is None:
             return
@@ -451,6 +461,9 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         if self._portal is None or self._site is None:
             self.log_error(fl_ctx, "the agent site is not running (it failed at START_RUN)")
             return make_reply(FlareRC.EXECUTION_EXCEPTION)
+        # A new task: the server is done with the last result, downloaded or not. (Until this,
+        # the trainer waits in submit_result, so it cannot have started on this task.)
+        self._abandon_relayed()
         try:
             task = shareable_to_task(shareable)
         except BadShareable as exc:
@@ -506,10 +519,15 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         if result.return_code not in (RC.OK, FlareRC.EARLY_TERMINATION):
             self._portal.call(result.release)  # the reply is the return code alone
             return result_to_shareable(result, app_defined)
-        relayed, abandon = relay(result, self._cell, self._portal)
+        try:
+            relayed, self._relayed = relay(result, self._cell, self._portal)
+        except Exception as exc:
+            self._portal.call(result.release, False, f"the client job could not relay it: {exc!r}")
+            self.logger.error(f"the result of task {result.task_id} cannot be relayed: {exc!r}")
+            return make_reply(FlareRC.EXECUTION_EXCEPTION)
         shareable = result_to_shareable(relayed, app_defined)
         if shareable.get_return_code() != result.return_code:
-            abandon()  # the result could not be made into a DXO: nothing will be downloaded
+            self._abandon_relayed()  # it could not be made into a DXO: nothing will download it
         return shareable
 
     def _call(self, abort_signal: Signal, function: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -528,9 +546,11 @@ class AgentExecutor(Executor):  # type: ignore[misc]
                 if abort_signal.triggered:
                     self._portal.call(cancel)
                     try:
-                        future.result()
+                        late = future.result()
                     except Exception as exc:  # it failed as it was cancelled: still an abort
                         raise _Aborted from exc
+                    if late and isinstance(late[0], HeldResult):  # it came as NVFlare aborted
+                        self._portal.call(late[0].release, False, "NVFlare aborted the task")
                     raise _Aborted from None
                 continue
             if not results:

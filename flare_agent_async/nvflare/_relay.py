@@ -1,13 +1,14 @@
 """A result's arrays go to the NVFlare server straight from the trainer, one at a time.
 
 The client job asks the agent to hold back its result's arrays (`FlareSite.run_task` with
-``hold_arrays``), and hands NVFlare a result whose arrays are `LazyDownloadRef`\\ s to a download
-transaction on the client job's own cell: NVFlare's way of saying "download these from there",
-which its server already follows for its own Client API. As the server downloads each array, the
-transaction fetches it from the agent, serialises it as NVFlare's numpy downloads do, and lets go
-of it. When the transaction ends, the result is released: the trainer's ``submit_result`` returns
-(True if the server downloaded every array). So the client job holds an array or two at a time,
-never the whole result.
+``hold_arrays``), and hands NVFlare a result whose arrays are references (`LazyDownloadRef`) to
+a download transaction on the client job's own cell: NVFlare's way of saying "download these
+from there", which its server already follows for its own Client API. As the server downloads
+each array, the transaction fetches it from the agent, serialises it as NVFlare's numpy
+downloads do, and lets go of it. When the transaction ends, the result is released: the
+trainer's ``submit_result`` returns (True if the server downloaded every array, by NVFlare's
+own account of the transfer). So the client job holds an array or two at a time, never the
+whole result.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.utils.task_utils import get_filters
 from nvflare.app_common.np.np_downloader import ArrayDownloadable
 from nvflare.fuel.f3.streaming.obj_downloader import ObjectDownloader
-from nvflare.fuel.f3.streaming.transfer_outcome import TransactionDoneStatus
+from nvflare.fuel.f3.streaming.transfer_outcome import TransferOutcome
 from nvflare.fuel.utils.fobs import dots
 from nvflare.fuel.utils.fobs.decomposers.via_downloader import LazyDownloadRef
 from nvflare.private.privacy_manager import Scope
@@ -67,9 +68,12 @@ def relay(
     def fetch(key: str) -> Any:
         return portal.call(result.fetch, key)
 
-    def done(transaction_id: str, status: str, objects: list[Any]) -> None:
-        accepted = status == TransactionDoneStatus.FINISHED
-        reason = "" if accepted else f"the server's download of the result ended: {status}"
+    def done(outcome: TransferOutcome) -> None:
+        # Not the transaction's own end status: "finished" counts a receiver that failed too.
+        accepted = outcome.completed
+        reason = (
+            "" if accepted else f"the server's download ended {outcome.status}: {outcome.reason}"
+        )
         try:
             portal.call(result.release, accepted, reason)
         except RuntimeError:  # the site's loop is gone (the run ended): it released everything
@@ -78,7 +82,7 @@ def relay(
     keys = list(result.held)
     item_ids = [f"A{index}" for index in range(len(keys))]
     downloader = ObjectDownloader(
-        cell=cell, timeout=DOWNLOAD_TIMEOUT, num_receivers=1, transaction_done_cb=done
+        cell=cell, timeout=DOWNLOAD_TIMEOUT, num_receivers=1, outcome_cb=done
     )
     ref_id = downloader.add_object(_HeldArrays(item_ids, keys, fetch))
     fqcn = cell.get_fqcn()

@@ -212,6 +212,8 @@ class SiteSession:
     _outbox: list[Message] = field(default_factory=list, init=False)
     #: Results whose agent holds back entries, by task id: each held key, with its open fetch.
     _held: dict[str, dict[str, PartFetch | None]] = field(default_factory=dict, init=False)
+    #: Held results lost with a restart, by task id: why, for a later `request_part`.
+    _lost_held: RecentIds[str] = field(default_factory=RecentIds, init=False)
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -374,6 +376,7 @@ class SiteSession:
         """Forget the held-back results; their open fetches end with ``error(task_id)``."""
         failed = []
         for task_id, fetches in self._held.items():
+            self._lost_held.add(task_id, str(error(task_id)))
             for fetch in fetches.values():
                 if fetch is not None:
                     fetch._end(error=error(task_id))
@@ -388,11 +391,15 @@ class SiteSession:
         event (or fails if the agent restarts or leaves first).
 
         :raises AgentGone: the agent has left.
+        :raises TaskLost: the agent restarted, and its result with it.
         :raises ValueError: no result of this task holds back ``key`` (it was released, or the
             key was never held), or the key is being fetched already.
         """
         if self.state is SessionState.GONE:
             raise AgentGone(f"agent {self.agent_id!r} is gone: {self.gone_reason}")
+        lost = self._lost_held.get(task_id)
+        if lost is not None:
+            raise TaskLost(lost)
         fetches = self._held.get(task_id)
         if fetches is None or key not in fetches:
             raise ValueError(
@@ -517,6 +524,11 @@ class SiteSession:
             return [ResultRefused(task_id, reason), TaskFinished(task)]
         held = message.held
         if held:
+            if not task.message.hold_arrays:
+                raise RemoteProtocolError(
+                    f"agent {self.agent_id!r} held back arrays of task {task_id!r}, "
+                    "which did not ask it to"
+                )
             data = message.data
             if not isinstance(data, dict) or not all(
                 isinstance(key, str) and key in data for key in held

@@ -34,8 +34,9 @@ from nvflare.app_common.np.np_downloader import download_arrays
 from nvflare.fuel.f3.cellnet.cell import Cell
 from nvflare.fuel.utils.fobs.decomposers.via_downloader import LazyDownloadRef
 
-from flare_agent_async import AgentClosed, AsyncFlareAgent, TaskResult
+from flare_agent_async import AgentClosed, AsyncFlareAgent, HeldResult, TaskResult
 from flare_agent_async.nvflare import AgentExecutor, NpzModelPersistor, result_to_shareable
+from flare_agent_async.nvflare._executor import _Aborted
 from flare_agent_async.tls import client_context
 
 pytestmark = pytest.mark.anyio
@@ -502,24 +503,6 @@ async def test_the_server_downloads_a_results_arrays_from_the_trainer_one_at_a_t
     assert submitted == [True]
 
 
-async def test_a_relayed_result_the_run_ends_before_the_server_takes_is_not_kept(
-    cell_ctx: FLContext,
-) -> None:
-    submitted: list[bool] = []
-    executor = AgentExecutor(agent_id="a1")
-    async with trainer_of(executor, cell_ctx) as agent, anyio.create_task_group() as group:
-        async with executing(executor, task_shareable({}), cell_ctx) as replies:
-            assert await agent.get_task() is not None
-
-            async def submit() -> None:
-                submitted.append(await agent.submit_result(TaskResult({}, {"w": np.ones(3)})))
-
-            group.start_soon(submit)
-        assert isinstance(from_shareable(replies[0]).data["w"], LazyDownloadRef)
-        await anyio.to_thread.run_sync(executor.handle_event, EventType.END_RUN, cell_ctx)
-    assert submitted == [False]
-
-
 async def test_results_without_arrays_to_relay_come_whole(cell_ctx: FLContext) -> None:
     """A result with another return code is sent as that code (the trainer's result is settled
     at once), and with ``relay_results=False`` the arrays come to the client job."""
@@ -537,3 +520,58 @@ async def test_results_without_arrays_to_relay_come_whole(cell_ctx: FLContext) -
         assert reply.get_return_code() == result.return_code
         if result.return_code == ReturnCode.OK:
             np.testing.assert_array_equal(from_shareable(reply).data["w"], np.ones(3))
+
+
+async def test_a_relayed_result_the_server_never_takes_is_settled_by_the_next_task(
+    cell_ctx: FLContext,
+) -> None:
+    """NVFlare may drop a reply after execute() (an abort, a task the server gave up): nothing
+    downloads it then, and the trainer must not wait for it past the next task."""
+    submitted: list[bool] = []
+    first_settled = anyio.Event()
+    executor = AgentExecutor(agent_id="a1")
+    async with trainer_of(executor, cell_ctx) as agent, anyio.create_task_group() as group:
+        async with executing(executor, task_shareable({}, "t1"), cell_ctx) as first:
+            assert await agent.get_task() is not None
+
+            async def submit() -> None:
+                submitted.append(await agent.submit_result(TaskResult({}, {"w": np.ones(3)})))
+                first_settled.set()
+
+            group.start_soon(submit)
+        assert isinstance(from_shareable(first[0]).data["w"], LazyDownloadRef)
+        assert submitted == []
+        async with executing(executor, task_shareable({}, "t2"), cell_ctx) as second:
+            assert await agent.get_task() is not None
+            await first_settled.wait()
+            assert submitted == [False]
+            assert await agent.submit_result(TaskResult({}, {"n": 1}))
+    assert from_shareable(second[0]).data == {"n": 1}
+
+
+def test_a_held_result_that_comes_as_nvflare_aborts_is_released(fl_ctx: FLContext) -> None:
+    released: list[tuple[bool, str]] = []
+
+    class Site:
+        def _release(self, session: object, task: object, accepted: bool, reason: str) -> None:
+            released.append((accepted, reason))
+
+    held = HeldResult.__new__(HeldResult)  # as run_task makes it, with a site that records
+    held.held, held.released = ("w",), False
+    held._site, held._session, held._task = Site(), None, None  # type: ignore[assignment]
+
+    async def comes_as_cancelled() -> HeldResult:
+        with anyio.CancelScope(shield=True):  # the result arrives in the same instant
+            await anyio.sleep(0.2)
+        return held
+
+    executor = AgentExecutor(agent_id="a1", abort_check_interval=0.02)
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    try:
+        signal = Signal()
+        signal.trigger(True)
+        with pytest.raises(_Aborted):
+            executor._call(signal, comes_as_cancelled)
+    finally:
+        executor.handle_event(EventType.END_RUN, fl_ctx)
+    assert released == [(False, "NVFlare aborted the task")]

@@ -7,6 +7,7 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -995,7 +996,7 @@ def test_an_agent_that_restarts_or_leaves_fails_the_open_fetches() -> None:
     lost = link.session.connection_made(hello(instance_id="instance-2"))
     assert lost == [fetch]
     assert isinstance(fetch.error, TaskLost)
-    with pytest.raises(ValueError, match="holds back"):
+    with pytest.raises(TaskLost, match="restarted"):
         link.session.request_part("t1", "a")
 
     link, _, _ = held_link()
@@ -1072,10 +1073,21 @@ def test_a_task_that_holds_arrays_with_a_result_of_none_is_acknowledged_at_once(
     assert submission.accepted is True
 
 
-def test_a_result_that_holds_back_what_its_data_lacks_is_a_protocol_error() -> None:
+def test_a_result_that_holds_back_what_it_should_not_is_a_protocol_error() -> None:
+    held = Result(task_id="t1", return_code=RC.OK, meta={}, data={"a": None}, held=["a", "b"])
+    session = connected_session()
+    session.assign("t1", "train", {}, None, hold_arrays=True)
+    with pytest.raises(RemoteProtocolError, match="holds back entries its result's data does"):
+        session.receive(held)  # "b" is not in the data
     session = connected_session()
     assign(session, "t1")
-    with pytest.raises(RemoteProtocolError, match="holds back"):
-        session.receive(
-            Result(task_id="t1", return_code=RC.OK, meta={}, data={"a": None}, held=["a", "b"])
-        )
+    with pytest.raises(RemoteProtocolError, match="which did not ask it to"):
+        session.receive(msgspec.structs.replace(held, held=["a"]))
+
+
+def test_a_held_result_lost_with_a_restart_says_so_to_a_later_fetch() -> None:
+    link, _, _ = held_link()
+    link.drop()
+    assert link.session.connection_made(hello(instance_id="instance-2")) == []
+    with pytest.raises(TaskLost, match="restarted"):
+        link.session.request_part("t1", "a")

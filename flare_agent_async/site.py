@@ -139,6 +139,7 @@ class FlareSite:
         self._gone: OrderedDict[str, _Agent] = OrderedDict()  # oldest first
         self._live_connections = 0  # agents' connections being served, replaced ones included
         self._waiters: dict[SiteTask | PartFetch, anyio.Event] = {}
+        self._fetchers: dict[PartFetch, int] = {}  # how many fetch calls wait for each
         self._listeners: list[MessageListener] = []
         self._closing = False
         self.rejected_hellos = 0
@@ -294,16 +295,22 @@ class FlareSite:
         return result
 
     async def _fetch(self, session: SiteSession, task: SiteTask, key: str) -> Any:
-        fetch = session.request_part(task.task_id, key)
-        self._wake(task.agent_id)
-        done = self._waiters[fetch] = anyio.Event()
+        fetch = session.request_part(task.task_id, key)  # the open one for the key, if any
+        done = self._waiters.get(fetch)
+        if done is None:
+            self._wake(task.agent_id)
+            done = self._waiters[fetch] = anyio.Event()
+        self._fetchers[fetch] = self._fetchers.get(fetch, 0) + 1
         try:
             await done.wait()
         except BaseException:
-            session.cancel_part(fetch)
+            if not fetch.done and self._fetchers[fetch] == 1:  # nobody else waits for it
+                session.cancel_part(fetch)
             raise
         finally:
-            del self._waiters[fetch]
+            self._fetchers[fetch] -= 1
+            if not self._fetchers[fetch]:
+                del self._fetchers[fetch], self._waiters[fetch]
         if fetch.error is not None:
             raise fetch.error
         return fetch.value
@@ -527,9 +534,10 @@ class HeldResult(TaskResult):
     async def fetch(self, key: str) -> Any:
         """One held-back entry, from the agent; it is not kept here (fetch it again if need be).
 
-        Cancelling the call loses nothing: the entry can be fetched again.
+        Cancelling the call loses nothing: the entry can be fetched again. Calls for the same
+        key at the same time share one request to the agent.
 
-        :raises ValueError: ``key`` is not held back, or is being fetched already.
+        :raises ValueError: ``key`` is not held back.
         :raises CallStateError: the result was released.
         :raises TaskLost: the agent restarted, or cannot send the entry.
         :raises AgentGone: the agent left.

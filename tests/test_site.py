@@ -665,3 +665,36 @@ async def test_an_agent_that_does_not_come_back_fails_the_open_fetch_with_agent_
                 await result.fetch("b")
             await agent.stop()
         assert agent.submitted == [False]  # type: ignore[attr-defined]
+
+
+async def test_fetches_of_one_key_at_once_share_a_request_and_one_may_give_up() -> None:
+    async with FlareSite("site-1") as site:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        async with (
+            AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent,
+            anyio.create_task_group() as group,
+        ):
+            result = await held_result(site, agent, group)
+            # The answer is lost with its connection: both wait while the agent reconnects.
+            faulty.drop_before(lambda message: isinstance(message, Part))
+            gate = faulty.connect_gate = anyio.Event()
+            arrays: list[np.ndarray] = []
+            first = anyio.CancelScope()
+
+            async def fetch(scope: anyio.CancelScope) -> None:
+                with scope:
+                    arrays.append(await result.fetch("w"))
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as fetches:
+                    fetches.start_soon(fetch, first)
+                    fetches.start_soon(fetch, anyio.CancelScope())
+                    await anyio.wait_all_tasks_blocked()  # both wait; the agent reconnects
+                    first.cancel()
+                    await anyio.wait_all_tasks_blocked()
+                    gate.set()
+            assert first.cancelled_caught and len(arrays) == 1
+            np.testing.assert_array_equal(arrays[0], HELD["w"])
+            assert faulty.connections == 2
+            await result.release()
+        assert agent.submitted == [True]  # type: ignore[attr-defined]

@@ -388,12 +388,13 @@ class SiteSession:
 
     def request_part(self, task_id: str, key: str) -> PartFetch:
         """Ask the agent for an entry its result holds back; the fetch ends with a `FetchEnded`
-        event (or fails if the agent restarts or leaves first).
+        event (or fails if the agent restarts or leaves first). While one is open for the key,
+        that one is returned: the agent is asked once.
 
         :raises AgentGone: the agent has left.
         :raises TaskLost: the agent restarted, and its result with it.
         :raises ValueError: no result of this task holds back ``key`` (it was released, or the
-            key was never held), or the key is being fetched already.
+            key was never held).
         """
         if self.state is SessionState.GONE:
             raise AgentGone(f"agent {self.agent_id!r} is gone: {self.gone_reason}")
@@ -405,8 +406,9 @@ class SiteSession:
             raise ValueError(
                 f"no result of task {task_id!r} from agent {self.agent_id!r} holds back {key!r}"
             )
-        if fetches[key] is not None:
-            raise ValueError(f"entry {key!r} of task {task_id!r}'s result is being fetched already")
+        fetch = fetches[key]
+        if fetch is not None:
+            return fetch
         fetch = fetches[key] = PartFetch(self.agent_id, task_id, key)
         if self.state is SessionState.CONNECTED:
             self._outbox.append(PartRequest(task_id=task_id, key=key))

@@ -279,10 +279,9 @@ class FlareSite:
         except BaseException:
             if not task.done:
                 session.abort(task.task_id)
+                self._wake(agent_id)
             else:  # the result came as the call ended: nobody will fetch what it holds back
-                reason = "the site stopped waiting for the result"
-                self._finished(session.release(task.task_id, accepted=False, reason=reason))
-            self._wake(agent_id)
+                self._release(session, task, False, "the site stopped waiting for the result")
             raise
         finally:
             del self._waiters[task]
@@ -552,8 +551,7 @@ class HeldResult(TaskResult):
         nothing."""
         if not self.released:
             self.released = True
-            if self.held:
-                self._site._release(self._session, self._task, accepted, reason)
+            self._site._release(self._session, self._task, accepted, reason)
         await anyio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> Self:

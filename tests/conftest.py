@@ -147,6 +147,14 @@ def site_thread(**site_options: Any) -> Iterator[SiteThread]:
             yield SiteThread(portal, site, url)
 
 
+CELL_OPTIONS: dict[str, Any] = {
+    "create_internal_listener": False,
+    "secure": False,
+    "credentials": {},
+}
+"""For the NVFlare cells the tests make in their own process."""
+
+
 @pytest.fixture(scope="session")
 def server_cell() -> Iterator[tuple[Any, str]]:
     """NVFlare's root cell ("server") in this process, and its URL, for job cells to join.
@@ -158,9 +166,7 @@ def server_cell() -> Iterator[tuple[Any, str]]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"tcp://127.0.0.1:{port}"
-    root = cell_module.Cell(
-        fqcn="server", root_url=url, create_internal_listener=False, secure=False, credentials={}
-    )
+    root = cell_module.Cell(fqcn="server", root_url=url, **CELL_OPTIONS)
     root.start()
     yield root, url
     root.stop()

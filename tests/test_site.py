@@ -570,11 +570,12 @@ async def test_a_reconnect_in_the_instant_of_the_expiry_keeps_the_site_and_the_a
 HELD = {"w": np.arange(200_000, dtype=np.float32), "n": 5, "b": np.ones((3, 4))}
 
 
-async def held_result(site: FlareSite, agent: AsyncFlareAgent, group: TaskGroup) -> HeldResult:
-    """Run a task that holds arrays; the agent's ``submit_result`` outcome lands in
-    ``agent.submitted`` (a list)."""
+async def held_result(
+    site: FlareSite, agent: AsyncFlareAgent, group: TaskGroup
+) -> tuple[HeldResult, list[bool]]:
+    """Run a task that holds arrays; returns its result, and the list the agent's
+    ``submit_result`` outcome lands in once it returns."""
     submitted: list[bool] = []
-    agent.submitted = submitted  # type: ignore[attr-defined]
 
     async def trainer() -> None:
         task = await agent.get_task()
@@ -584,7 +585,7 @@ async def held_result(site: FlareSite, agent: AsyncFlareAgent, group: TaskGroup)
     group.start_soon(trainer)
     result = await site.run_task(agent.agent_id, "train", None, hold_arrays=True)
     assert isinstance(result, HeldResult)
-    return result
+    return result, submitted
 
 
 @pytest.mark.parametrize("scheme", ["memory", "tcp"])
@@ -597,23 +598,23 @@ async def test_a_held_result_sends_each_array_when_fetched_and_is_settled_by_its
             AsyncFlareAgent(url, agent_id="a1", site_name="site-1") as agent,
             anyio.create_task_group() as group,
         ):
-            result = await held_result(site, agent, group)
+            result, submitted = await held_result(site, agent, group)
             assert result.held == ("w", "b")
             assert (result.meta, result.data) == ({"m": 1}, {"w": None, "n": 5, "b": None})
             for key in reversed(result.held):
                 np.testing.assert_array_equal(await result.fetch(key), HELD[key])
             np.testing.assert_array_equal(await result.fetch("w"), HELD["w"])  # again
             await anyio.wait_all_tasks_blocked()
-            assert agent.submitted == []  # type: ignore[attr-defined]
+            assert submitted == []
             await result.release()
-        assert agent.submitted == [True]  # type: ignore[attr-defined]
+        assert submitted == [True]
         with pytest.raises(CallStateError, match="released"):
             await result.fetch("w")
 
 
 async def test_a_held_result_released_on_error_is_refused_at_the_agent() -> None:
     async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
-        result = await held_result(site, agent, group)
+        result, submitted = await held_result(site, agent, group)
 
         async def take_and_fail() -> None:
             async with result:
@@ -623,7 +624,7 @@ async def test_a_held_result_released_on_error_is_refused_at_the_agent() -> None
         with pytest.raises(ZeroDivisionError):
             await take_and_fail()
         assert result.released
-    assert agent.submitted == [False]  # type: ignore[attr-defined]
+    assert submitted == [False]
 
 
 async def test_a_cancelled_fetch_loses_nothing_and_a_fetch_survives_a_reconnect() -> None:
@@ -635,7 +636,7 @@ async def test_a_cancelled_fetch_loses_nothing_and_a_fetch_survives_a_reconnect(
             AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent,
             anyio.create_task_group() as group,
         ):
-            result = await held_result(site, agent, group)
+            result, submitted = await held_result(site, agent, group)
             with anyio.CancelScope() as scope:
                 scope.cancel()
                 await result.fetch("w")
@@ -645,7 +646,7 @@ async def test_a_cancelled_fetch_loses_nothing_and_a_fetch_survives_a_reconnect(
             np.testing.assert_array_equal(array, HELD["w"])
             assert faulty.connections == 2
             await result.release()
-        assert agent.submitted == [True]  # type: ignore[attr-defined]
+        assert submitted == [True]
 
 
 async def test_an_agent_that_does_not_come_back_fails_the_open_fetch_with_agent_gone() -> None:
@@ -656,7 +657,7 @@ async def test_an_agent_that_does_not_come_back_fails_the_open_fetch_with_agent_
             AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1", close_timeout=0.1) as agent,
             anyio.create_task_group() as group,
         ):
-            result = await held_result(site, agent, group)
+            result, submitted = await held_result(site, agent, group)
             faulty.drop_before(lambda message: isinstance(message, Part))
             faulty.refuse_connections = True
             with anyio.fail_after(10), pytest.raises(AgentGone, match="did not reconnect"):
@@ -664,7 +665,7 @@ async def test_an_agent_that_does_not_come_back_fails_the_open_fetch_with_agent_
             with pytest.raises(AgentGone, match="did not reconnect"):
                 await result.fetch("b")
             await agent.stop()
-        assert agent.submitted == [False]  # type: ignore[attr-defined]
+        assert submitted == [False]
 
 
 async def test_fetches_of_one_key_at_once_share_a_request_and_one_may_give_up() -> None:
@@ -674,7 +675,7 @@ async def test_fetches_of_one_key_at_once_share_a_request_and_one_may_give_up() 
             AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent,
             anyio.create_task_group() as group,
         ):
-            result = await held_result(site, agent, group)
+            result, submitted = await held_result(site, agent, group)
             # The answer is lost with its connection: both wait while the agent reconnects.
             faulty.drop_before(lambda message: isinstance(message, Part))
             gate = faulty.connect_gate = anyio.Event()
@@ -697,4 +698,4 @@ async def test_fetches_of_one_key_at_once_share_a_request_and_one_may_give_up() 
             np.testing.assert_array_equal(arrays[0], HELD["w"])
             assert faulty.connections == 2
             await result.release()
-        assert agent.submitted == [True]  # type: ignore[attr-defined]
+        assert submitted == [True]

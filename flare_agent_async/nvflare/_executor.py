@@ -514,7 +514,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
 
     def _relay(self, result: HeldResult, app_defined: bool) -> Shareable:
         """The reply for a result whose agent holds back its arrays: the server downloads them
-        through this job's cell (see `_relay`), or, if the reply carries no data, none."""
+        through this job's cell (the `_relay` module), or, if the reply carries no data, none."""
         assert self._portal is not None
         if result.return_code not in (RC.OK, FlareRC.EARLY_TERMINATION):
             self._portal.call(result.release)  # the reply is the return code alone

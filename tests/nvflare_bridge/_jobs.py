@@ -24,8 +24,6 @@ from nvflare.job_config.api import FedJob
 
 from flare_agent_async.nvflare import NpzModelPersistor
 
-CELL_OPTIONS: dict[str, Any] = {"secure": False, "credentials": {}}
-"""For the cells the tests make in their own process."""
 ROUNDS = 2
 CLIENTS = 2
 SIMULATOR_TIMEOUT = 90.0

@@ -20,7 +20,7 @@ import trustme
 
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
-from _jobs import CELL_OPTIONS
+from conftest import CELL_OPTIONS
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
@@ -439,8 +439,7 @@ class Cells:
 
     def __init__(self, server: Cell, url: str) -> None:
         self.server = server
-        options: dict[str, Any] = {"create_internal_listener": False, **CELL_OPTIONS}
-        self.job = Cell(fqcn=f"{SITE}.{JOB}", root_url=url, **options)
+        self.job = Cell(fqcn=f"{SITE}.{JOB}", root_url=url, **CELL_OPTIONS)
         self.job.start()
 
     def download(self, ref: LazyDownloadRef) -> tuple[str, dict[str, np.ndarray] | None]:

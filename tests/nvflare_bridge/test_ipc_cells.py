@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
-from _jobs import CELL_OPTIONS
+from conftest import CELL_OPTIONS
 from nvflare.fuel.f3.cellnet.cell import Cell
 from nvflare.fuel.f3.cellnet.cell import Message as CellMessage
 from nvflare.fuel.f3.cellnet.defs import MessageHeaderKey, ReturnCode
@@ -35,8 +35,7 @@ class Exchanger:
     def __init__(self, root: Cell, url: str) -> None:
         self.agent_url = url.replace("tcp://", "nvflare-ipc://")
         self.root = root
-        options: dict[str, Any] = {"create_internal_listener": False, **CELL_OPTIONS}
-        self.job = Cell(fqcn=f"{SITE}.job", root_url=url, **options)
+        self.job = Cell(fqcn=f"{SITE}.job", root_url=url, **CELL_OPTIONS)
         self.results: list[CellMessage] = []
         self.accept_results = True
         self.job.register_request_cb(channel="flare_agent", topic="submit_result", cb=self._result)

@@ -37,6 +37,7 @@ from flare_agent_async.protocol import (
     Reject,
     Result,
     ResultAck,
+    SiteTask,
     TaskAck,
     TaskAssign,
     Welcome,
@@ -625,6 +626,38 @@ async def test_a_held_result_released_on_error_is_refused_at_the_agent() -> None
             await take_and_fail()
         assert result.released
     assert submitted == [False]
+
+
+async def test_a_held_result_that_arrives_as_its_call_is_cancelled_is_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with site_and_agent() as (site, agent), anyio.create_task_group() as group:
+        submitted: list[bool] = []
+        returned = anyio.Event()
+
+        async def trainer() -> None:
+            assert await agent.get_task() is not None
+            submitted.append(await agent.submit_result(TaskResult({}, dict(HELD))))
+            returned.set()
+
+        group.start_soon(trainer)
+        caller = anyio.CancelScope()
+        finished = site._finished
+
+        def cancelled_then_finished(ended: list[SiteTask]) -> None:
+            if any(item.result for item in ended if isinstance(item, SiteTask)):
+                caller.cancel()  # the caller gives up, and in the same turn the result is in
+            finished(ended)
+
+        monkeypatch.setattr(site, "_finished", cancelled_then_finished)
+        with anyio.fail_after(10):
+            with caller:
+                await site.run_task(agent.agent_id, "train", None, hold_arrays=True)
+            assert caller.cancelled_caught
+            # Nobody will fetch or release what the agent holds back: the site refuses the
+            # result at once, and the agent's submit_result returns instead of waiting.
+            await returned.wait()
+        assert submitted == [False]
 
 
 async def test_a_cancelled_fetch_loses_nothing_and_a_fetch_survives_a_reconnect() -> None:

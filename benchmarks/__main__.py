@@ -309,7 +309,9 @@ def summarise(scenario: str, row: dict[str, Any]) -> str:
         memory = f"CJ {_peak(row['client_job'])}, trainer {_peak(row['trainer'])}"
         return (
             f"dispatch to result {row['dispatch_to_result_ms']['median']:.0f} ms, "
-            f"execute() {row['execute_ms']['median']:.0f} ms, {memory}, "
+            f"execute() {row['execute_ms']['median']:.0f} ms "
+            f"(task in {row['task_in_ms']['median']:.0f} ms before it, "
+            f"result out {row['result_out_ms']['median']:.0f} ms after it), {memory}, "
             f"{row['wall_s']:.0f} s, "
             + ("ok" if row["ok"] else "NOT OK: " + "; ".join(row["problems"]))
         )

@@ -19,7 +19,9 @@ Event timers on the server and in the client job write NVFlare's events with mon
 timestamps; from the rounds after the first come the dispatch to result at the server (the task
 handed to the client until its result is in, ``BEFORE_TASK_DATA_FILTER`` to
 ``BEFORE_TASK_RESULT_FILTER``), the client's ``execute()`` (``BEFORE_TASK_EXECUTION`` to
-``AFTER_TASK_EXECUTION``) and the round (``round_started`` to ``round_done``). The peak RSS
+``AFTER_TASK_EXECUTION``), the two hops around it (the task from its dispatch to ``execute()``,
+the result from ``execute()`` to the server) and the round (``round_started`` to
+``round_done``). The peak RSS
 (``VmHWM``) of every process the simulator starts is sampled every 0.1 s: the client job's
 (``simulator_worker``), the trainer's and the server's. A run is ok when the final model is the
 initial one, every round was done, NVFlare logged no error and no process of the job is left.
@@ -377,8 +379,12 @@ def run(
     done = {e["round"]: e["mono"] for e in server if e["event"] == "round_done"}
     round_ms = [(done[r] - begun[r]) * 1000 for r in sorted(begun) if r in done]
     dispatch_ms = _spans_ms(_times(server, "task_dispatch"), _times(server, "result_in"))
-    execute_ms = _spans_ms(_times(client, "before_execute"), _times(client, "after_execute"))
-    if min(len(round_ms), len(dispatch_ms), len(execute_ms)) < 2:
+    before, after = _times(client, "before_execute"), _times(client, "after_execute")
+    execute_ms = _spans_ms(before, after)
+    # The two hops around execute(): the task reaching the executor, the result the server.
+    task_in_ms = _spans_ms(_times(server, "task_dispatch"), before)
+    result_out_ms = _spans_ms(after, _times(server, "result_in"))
+    if min(map(len, (round_ms, dispatch_ms, execute_ms, task_in_ms, result_out_ms))) < 2:
         raise ChildFailed(
             f"the simulator ran {setup}, {size_name(mib)} with exit status {returncode} and did "
             f"{len(round_ms)} of {rounds} rounds: too few to measure; its log ends:\n{log_tail}"
@@ -405,6 +411,8 @@ def run(
         # every round but the first, which starts the trainer
         "dispatch_to_result_ms": spread(dispatch_ms[1:]),
         "execute_ms": spread(execute_ms[1:]),
+        "task_in_ms": spread(task_in_ms[1:]),
+        "result_out_ms": spread(result_out_ms[1:]),
         "round_ms": spread(round_ms[1:]),
         "first_round_ms": round_ms[0],
         # None for a process the setup does not have (B's trainer runs in the client job)

@@ -100,7 +100,13 @@ def test_the_figures_are_sane(quick: dict[str, Any]) -> None:
                 row["gbytes_per_s"] if row["kind"] == "throughput" else row["tasks_per_s"]
             )
     for row in quick["job"] if isinstance(quick["job"], list) else []:
-        for figure in ("dispatch_to_result_ms", "execute_ms", "round_ms"):
+        for figure in (
+            "dispatch_to_result_ms",
+            "task_in_ms",
+            "execute_ms",
+            "result_out_ms",
+            "round_ms",
+        ):
             spread = row[figure]
             assert 0 < spread["min"] <= spread["median"] <= spread["max"] < 60e3, (figure, row)
         assert row["verdict"]["ok"] and row["ok"], row["problems"]
@@ -145,7 +151,13 @@ def _job_row(
         "mib": mib,
         "model_bytes": model_bytes,
         "dispatch_to_result_ms": {"median": dispatch_ms, "min": dispatch_ms, "max": dispatch_ms},
+        "task_in_ms": {"median": dispatch_ms / 4, "min": dispatch_ms / 4, "max": dispatch_ms / 4},
         "execute_ms": {"median": 1.0, "min": 1.0, "max": 1.0},
+        "result_out_ms": {
+            "median": dispatch_ms / 2,
+            "min": dispatch_ms / 2,
+            "max": dispatch_ms / 2,
+        },
         "round_ms": {"median": 2000.0, "min": 2000.0, "max": 2000.0},
         "client_job": {"peak_rss_mib": cj_mib, "growth_x": None},
         "trainer": None if trainer_mib is None else {"peak_rss_mib": trainer_mib, "growth_x": None},
@@ -210,6 +222,11 @@ def test_the_job_targets_compare_ours_with_nvflares_external_process() -> None:
     ):
         assert report._WHY[kind].strip() in page
     assert "| 64 MiB | D: AgentExecutor, our Client API |" in report.job_table(figures)
+    phases = report.job_phase_table(figures)  # the models the targets speak of, hop by hop
+    assert (
+        "| 64 MiB | C | 100 (100-100) | 1.0 (1.0-1.0) | 200 (200-200) | 400 (400-400) |" in phases
+    )
+    assert "1 KiB" not in phases
 
 
 def test_a_large_run_sends_one_array_past_2_gib_on_every_transport() -> None:

@@ -818,11 +818,10 @@ the task once NVFlare has downloaded and decoded it into the CJ, and the server 
 result through the CJ from the trainer after execute(), as it does from A's trainer. So ours
 makes the same two NVFlare downloads as A and one hop more, the CJ to the trainer, inside
 execute(); NVFlare's downloads are most of the time. On this machine that hop is bound by the
-memory it receives into: `perf record` of the trainer during a 512 MiB run puts three quarters of
-its time in the kernel zeroing fresh pages (`clear_page_erms`, under `recv`), while the same
-hop between a site and a `SyncFlareAgent` alone, into memory the process had used before, takes
-0.15-0.4 s. NVFlare's downloads pay for their fresh memory too, in the CJ and on the
-server.""",
+memory it receives into: a profile of the trainer (`perf record`) during a 512 MiB run shows most
+of its CPU time in the kernel zeroing fresh pages (`clear_page_erms`, under `recv`), and the
+same hop takes a few hundred ms in one round and over a second in another (C's and D's
+execute()). NVFlare's downloads pay for their fresh memory too, in the CJ and on the server.""",
     "dispatch to result no worse": """
 With a tiny model, dispatch to result is mostly NVFlare's messaging between the server and the
 CJ around execute(). Ours is the small part of it (execute() takes a few ms against A's ~20 ms);

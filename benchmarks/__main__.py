@@ -344,6 +344,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, help="runs per figure (default 3; quick: 1)")
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.add_argument(
+        "--job-setups",
+        nargs="+",
+        choices=tuple(job.SETUPS),
+        help="the job scenario's setups (default: all)",
+    )
+    parser.add_argument(
+        "--job-rounds",
+        type=int,
+        help="rounds of each job with a model of 1 MiB and more (the tiny baseline keeps its own)",
+    )
+    parser.add_argument(
         "--report",
         action="store_true",
         help="write docs/benchmarks.md and docs/img/*.png from this run",
@@ -370,6 +381,14 @@ def main(argv: list[str] | None = None) -> None:
             plan.enlarge()
         if args.repeats:
             plan.repeats = plan.throughput_repeats = args.repeats
+        if args.job_setups:
+            plan.job_setups = tuple(args.job_setups)
+        if args.job_rounds is not None:
+            if args.job_rounds < 2:
+                parser.error("--job-rounds: at least 2 (the first round is not measured)")
+            plan.job_sizes = tuple(
+                (mib, rounds if mib < 1 else args.job_rounds) for mib, rounds in plan.job_sizes
+            )
         figures = run(plan, set(args.only), console)
         command = sys.argv[1:] if argv is None else argv
         figures["command"] = " ".join(["python -m benchmarks", *command])

@@ -269,3 +269,29 @@ def test_many_agents_run_with_the_collector_threshold_asked_for() -> None:
     default = scale.measure(20, "asyncio", idle_s=0.1, rounds=1)
     assert default["gc_threshold"] == 700
     assert "| 20 | asyncio |" in report.scale_table({"scale": [default]})
+
+
+class _Planned(Exception):
+    """Stops the suite once it has its plan."""
+
+
+def test_the_job_scenario_takes_its_setups_and_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.__main__ as suite
+
+    plans: list[Any] = []
+
+    def planned(plan: Any, only: set[str], console: Any) -> dict[str, Any]:
+        plans.append((plan, only))
+        raise _Planned
+
+    monkeypatch.setattr(suite, "run", planned)
+    monkeypatch.setattr(suite.signal, "signal", lambda *args: None)  # the test's own stay
+    with pytest.raises(_Planned):
+        suite.main(["--only", "job", "--job-setups", "A", "C", "--job-rounds", "10"])
+    plan, only = plans[0]
+    assert only == {"job"} and plan.job_setups == ("A", "C")
+    # Longer jobs for the models; the tiny baseline keeps its own rounds.
+    assert plan.job_sizes == ((job.TINY_MIB, 6), (64, 10), (512, 10))
+    with pytest.raises(SystemExit):
+        suite.main(["--only", "job", "--job-rounds", "1"])
+    assert len(plans) == 1

@@ -723,7 +723,11 @@ executor (`BEFORE_TASK_EXECUTION` to `AFTER_TASK_EXECUTION`); the round is the w
 for the client's next request included. Memory is each process's peak RSS (`VmHWM`, sampled every
 0.1 s) for the client job (CJ) and the trainer; growth is the peak less the same setup's 1 KiB
 run's, over the model's size. ok: the final model is the initial one, every round was done,
-NVFlare logged no error and no process of the job was left behind.
+NVFlare logged no error and no process of the job was left behind. The jobs are short (3 or 4
+rounds for the larger models), and the client job's memory creeps up from round to round (glibc
+keeps what NVFlare's threads freed, each in its own arena), so a longer job ends with a higher
+peak: `--job-rounds` runs longer ones, and [Running inside
+NVFlare](nvflare.md#the-client-jobs-memory) has them measured, with the setting that stops it.
 
 {job}
 

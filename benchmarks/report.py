@@ -799,10 +799,11 @@ one at a time, through the CJ, which fetches each from the agent as the server a
 serializes it as NVFlare does (`np.savez` per array). So the CJ's peak is NVFlare's download of
 the task (its chunks, the decoded arrays) and the allocator's keep of what that freed, which
 weighs most against a small model. NVFlare's Client API in process (B) holds the model in the
-CJ. Part of the growth, at every size, is memory freed in the CJ and kept by the C allocator;
-`MALLOC_MMAP_THRESHOLD_=1048576 python -m benchmarks --only job` fixes glibc's mmap threshold at
-1 MiB for the simulator and its processes, to see how much, at the cost of slower transfers (see
-[Running inside NVFlare](nvflare.md#the-client-jobs-memory)). NVFlare's external process (A)
+CJ. Part of the growth, at every size, is memory freed in the CJ and kept by the C allocator,
+in a heap per thread, and it creeps up with the rounds; `MALLOC_ARENA_MAX=1 python -m benchmarks
+--only job` shares one heap among the threads of the simulator and its processes, to see how much
+(see [Running inside NVFlare](nvflare.md#the-client-jobs-memory), with the figures and a setting
+that trades time for memory instead). NVFlare's external process (A)
 keeps its CJ small because its CJ forwards the task as a reference (NVFlare's pass-through) and
 its trainer downloads the model from the server itself: there the trainer pays instead.""",
     "echo trainer's peak RSS growth": """
@@ -815,17 +816,14 @@ more than twice over at 1 GiB. Ours holds it once in the trainer, and in the CJ 
 download from the server (above): below A's while that download costs the CJ less than A's
 trainer holds above the model.""",
     "dispatch to result at most": """
-From dispatch to result the model crosses from the server to the client job and back on
-NVFlare's messaging ("Where a job's time goes"). In A the CJ forwards a reference and the
-trainer downloads the model from the server itself, inside execute(); `AgentExecutor` is handed
-the task once NVFlare has downloaded and decoded it into the CJ, and the server downloads the
-result through the CJ from the trainer after execute(), as it does from A's trainer. So ours
-makes the same two NVFlare downloads as A and one hop more, the CJ to the trainer, inside
-execute(); NVFlare's downloads are most of the time. On this machine that hop is bound by the
-memory it receives into: a profile of the trainer (`perf record`) during a 512 MiB run shows most
-of its CPU time in the kernel zeroing fresh pages (`clear_page_erms`, under `recv`), and the
-same hop takes a few hundred ms in one round and over a second in another (C's and D's
-execute()). NVFlare's downloads pay for their fresh memory too, in the CJ and on the server.""",
+Dispatch to result is mostly NVFlare's two downloads ("Where a job's time goes"): the task into
+the CJ before execute() (A's trainer makes it inside execute()) and the result to the server
+after it. Ours makes both, as A does, and one hop more inside execute(): the CJ to the trainer.
+On this machine that hop is bound by the memory it receives into: a profile of the trainer
+(`perf record`) during a 512 MiB run shows most of its CPU time in the kernel zeroing fresh pages
+(`clear_page_erms`, under `recv`), and in one run the same hop can take a few hundred ms for one
+setup and over a second for the other (C's and D's execute()). NVFlare's downloads pay for their
+fresh memory too, in the CJ and on the server.""",
     "dispatch to result no worse": """
 With a tiny model, dispatch to result is mostly NVFlare's messaging between the server and the
 CJ around execute(). Ours is the small part of it (execute() takes a few ms against A's ~20 ms);

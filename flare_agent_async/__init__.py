@@ -31,7 +31,7 @@ from .exceptions import (
     TransportError,
     UnknownAgent,
 )
-from .site import FlareSite, HeldResult, LogRecord
+from .site import Coming, FlareSite, HeldResult, LogRecord
 from .sync import SyncFlareAgent
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "AgentGone",
     "AsyncFlareAgent",
     "CallStateError",
+    "Coming",
     "ConnectionRejected",
     "FlareAgent",
     "FlareAgentError",

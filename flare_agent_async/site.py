@@ -12,7 +12,7 @@ import os
 import ssl
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -52,7 +52,7 @@ from .protocol import (
 )
 from .transports import MessageListener, MessageStream, Progress, create_listener
 
-__all__ = ["FlareSite", "HeldResult", "LogRecord"]
+__all__ = ["Coming", "FlareSite", "HeldResult", "LogRecord"]
 
 logger = logging.getLogger("flare_agent_async.site")
 
@@ -64,6 +64,22 @@ _GONE_SESSIONS_KEPT = 1024
 """Sessions of agents that left which the site remembers (so `run_task` on one says why it is
 gone); older ones are forgotten, so agents coming and going, or hellos under made-up ids, cannot
 grow the site without end."""
+
+
+@dataclass(frozen=True)
+class Coming:
+    """Entries of a task's data that are not here yet, for `FlareSite.run_task`.
+
+    The task goes to the agent at once, with ``keys`` in its data as None; each entry follows
+    as ``entries`` yields it, so the agent receives the first while the caller still gets the
+    rest (a model downloaded one array at a time, say). The trainer has the task once all have
+    come. The site closes ``entries`` (if it has ``aclose``) when it is done with them.
+    """
+
+    keys: Sequence[str]
+    """The keys of the entries to come, in the data's order."""
+    entries: AsyncIterable[tuple[str, Any]]
+    """Yields ``(key, value)`` once for each key, in any order."""
 
 
 class FlareSite:
@@ -234,6 +250,7 @@ class FlareSite:
         task_id: str | None = None,
         timeout: float | None = None,
         hold_arrays: bool = False,
+        coming: Coming | None = None,
     ) -> TaskResult:
         """Run a task on an agent and return its result.
 
@@ -246,14 +263,20 @@ class FlareSite:
         large model need not be in the site's memory all at once. The caller must `release
         <HeldResult.release>` it: until then the agent's ``submit_result`` waits.
 
+        With ``coming``, entries of ``data`` (a dict) follow the task as they come (`Coming`).
+        If ``coming.entries`` raises, or ends before every key came, the task is aborted and
+        the call raises that error (`ValueError` for missing entries).
+
         :raises UnknownAgent: no agent with this id has connected.
         :raises AgentGone: the agent left before the result arrived.
         :raises TaskAborted: the task was aborted (`abort_task`, or a newer task).
         :raises TaskLost: the agent restarted after it had the task, whose data the site had
             released (``keep_task_data=False``).
         :raises TimeoutError: no result within ``timeout`` seconds (the task is aborted).
-        :raises ValueError: ``task_id`` is already used for this agent.
-        :raises TypeError: ``data`` or ``meta`` holds something that cannot be sent.
+        :raises ValueError: ``task_id`` is already used for this agent, or ``coming`` names
+            keys that are not distinct strings, or that ``data`` already has.
+        :raises TypeError: ``data``, ``meta`` or a coming entry holds something that cannot be
+            sent.
         """
         self._running()
         if not isinstance(task_name, str):
@@ -264,18 +287,23 @@ class FlareSite:
         check_payload(data, "data")
         session = self._session(agent_id)
         task, superseded = session.assign(
-            task_id or uuid.uuid4().hex, task_name, meta or {}, data, hold_arrays=hold_arrays
+            task_id or uuid.uuid4().hex,
+            task_name,
+            meta or {},
+            data,
+            hold_arrays=hold_arrays,
+            coming=() if coming is None else coming.keys,
         )
         del data  # the session holds it now, and may release it before the result arrives
         self._finished(superseded)
         self._wake(agent_id)
         done = self._waiters[task] = anyio.Event()
         try:
-            if timeout is None:
-                await done.wait()
-            else:
-                with anyio.fail_after(timeout):
+            with anyio.fail_after(timeout):
+                if coming is None:
                     await done.wait()
+                else:
+                    await self._feed(session, task, coming.entries, done)
         except BaseException:
             if not task.done:
                 session.abort(task.task_id)
@@ -292,6 +320,52 @@ class FlareSite:
         if hold_arrays:
             return HeldResult(self, session, task, result)
         return result
+
+    async def _feed(
+        self,
+        session: SiteSession,
+        task: SiteTask,
+        entries: AsyncIterable[tuple[str, Any]],
+        done: anyio.Event,
+    ) -> None:
+        """Send a task's coming entries as they come, until the task is done."""
+        error: Exception | None = None
+        async with anyio.create_task_group() as group:
+
+            async def send() -> None:
+                nonlocal error
+                try:
+                    await self._send_entries(session, task, entries)
+                except Exception as exc:  # raised in the caller, which aborts the task
+                    error = exc
+                    group.cancel_scope.cancel()
+
+            group.start_soon(send)
+            await done.wait()
+            group.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _send_entries(
+        self, session: SiteSession, task: SiteTask, entries: AsyncIterable[tuple[str, Any]]
+    ) -> None:
+        sent: set[str] = set()  # not the session's: it lets go of them once the agent has all
+        try:
+            async for key, value in entries:
+                check_payload(value, f"data[{key!r}]")
+                if not session.send_part(task.task_id, key, value):
+                    return  # the task ended meanwhile
+                del value  # the session holds it now
+                sent.add(key)
+                self._wake(task.agent_id)
+        finally:
+            aclose = getattr(entries, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+        missing = [key for key in task.message.coming if key not in sent]
+        if missing and not task.done:
+            raise ValueError(f"the entries {missing} of task {task.task_id!r} never came")
 
     async def _fetch(self, session: SiteSession, task: SiteTask, key: str) -> Any:
         fetch = session.request_part(task.task_id, key)  # the open one for the key, if any

@@ -16,6 +16,7 @@ EXPECTED_ALL = [
     "AgentGone",
     "AsyncFlareAgent",
     "CallStateError",
+    "Coming",
     "ConnectionRejected",
     "FlareAgent",
     "FlareAgentError",

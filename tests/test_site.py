@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 import weakref
 from collections import Counter
+from collections.abc import AsyncIterator
 from functools import partial
 
 import anyio
@@ -18,6 +20,7 @@ from flare_agent_async import (
     AgentGone,
     AsyncFlareAgent,
     CallStateError,
+    Coming,
     ConnectionRejected,
     FlareSite,
     HeldResult,
@@ -30,6 +33,7 @@ from flare_agent_async import (
 )
 from flare_agent_async.protocol import (
     PROTOCOL_VERSION,
+    Abort,
     Bye,
     Hello,
     Message,
@@ -732,3 +736,178 @@ async def test_fetches_of_one_key_at_once_share_a_request_and_one_may_give_up() 
             assert faulty.connections == 2
             await result.release()
         assert submitted == [True]
+
+
+# -- tasks whose entries come after them ----------------------------------------------------------
+
+
+def entries() -> tuple[
+    anyio.abc.ObjectSendStream[tuple[str, object]],
+    anyio.abc.ObjectReceiveStream[tuple[str, object]],
+]:
+    return anyio.create_memory_object_stream[tuple[str, object]]()
+
+
+async def test_coming_entries_reach_the_agent_each_as_it_comes() -> None:
+    w, b = np.arange(6.0), np.ones((2, 2), dtype=np.float32)
+    async with (
+        FlareSite("site-1") as site,
+        contextlib.AsyncExitStack() as stack,
+        anyio.create_task_group() as group,
+    ):
+        stream = await raw_agent(await site.listen("memory://"))
+        await stack.enter_async_context(stream)
+        give, coming = entries()
+        results: list[TaskResult] = []
+
+        async def run() -> None:
+            results.append(
+                await site.run_task("raw", "train", {"n": 1}, coming=Coming(["w", "b"], coming))
+            )
+
+        group.start_soon(run)
+        with anyio.fail_after(10), give:
+            task = await stream.receive()
+            assert isinstance(task, TaskAssign) and task.coming == ["w", "b"]
+            assert task.data == {"n": 1, "w": None, "b": None}
+            await give.send(("w", w))
+            part = await stream.receive()  # before the next entry is even given
+            assert isinstance(part, Part) and part.key == "w"
+            np.testing.assert_array_equal(part.value, w)
+            await give.send(("b", b))
+            part = await stream.receive()
+            assert isinstance(part, Part) and part.key == "b"
+            await stream.send(TaskAck(task_id=task.task_id))
+            await stream.send(Result(task_id=task.task_id, return_code="OK", meta={}, data=1))
+            assert isinstance(await stream.receive(), ResultAck)
+    assert [(result.data, result.return_code) for result in results] == [(1, "OK")]
+
+
+@pytest.mark.parametrize("scheme", ["memory", "tcp"])
+async def test_a_trainer_gets_a_task_once_its_coming_entries_came(scheme: str) -> None:
+    w = np.arange(300_000, dtype=np.float32)  # large: read straight into the array
+    async with FlareSite("site-1", keep_task_data=False) as site:
+        url = await site.listen("memory://" if scheme == "memory" else "tcp://127.0.0.1:0")
+        async with (
+            AsyncFlareAgent(url, agent_id="a1", site_name="site-1") as agent,
+            anyio.create_task_group() as group,
+        ):
+            give, coming = entries()
+
+            async def trainer() -> None:
+                task = await agent.get_task()
+                assert task is not None and list(task.data) == ["n", "w", "b"]
+                np.testing.assert_array_equal(task.data["w"], w)
+                await agent.submit_result(TaskResult({}, {"sum": float(task.data["w"].sum())}))
+
+            async def download() -> None:
+                async with give:
+                    await give.send(("b", "bias"))
+                    await give.send(("w", w))
+
+            group.start_soon(trainer)
+            group.start_soon(download)
+            with anyio.fail_after(20):
+                data = {"n": 1, "w": None}
+                result = await site.run_task("a1", "train", data, coming=Coming(["w", "b"], coming))
+            assert result.data == {"sum": float(w.sum())}
+
+
+async def test_entries_the_site_let_go_of_once_the_agent_had_them_all_count_as_come() -> None:
+    async with (
+        FlareSite("site-1", keep_task_data=False) as site,
+        contextlib.AsyncExitStack() as stack,
+        anyio.create_task_group() as group,
+    ):
+        stream = await raw_agent(await site.listen("memory://"))
+        await stack.enter_async_context(stream)
+        give, coming = entries()
+        results: list[TaskResult] = []
+
+        async def run() -> None:
+            results.append(await site.run_task("raw", "train", {}, coming=Coming(["w"], coming)))
+
+        group.start_soon(run)
+        with anyio.fail_after(10):
+            async with give:
+                task = await stream.receive()
+                await give.send(("w", 1))
+                assert isinstance(await stream.receive(), Part)
+                await stream.send(TaskAck(task_id=task.task_id))  # the site lets go of "w"
+                await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # the site saw the end of the entries
+            await stream.send(Result(task_id=task.task_id, return_code="OK", meta={}, data=2))
+            assert isinstance(await stream.receive(), ResultAck)
+    assert [result.data for result in results] == [2]
+
+
+@pytest.mark.parametrize("failure", ["short", "raises", "unsendable"])
+async def test_coming_entries_that_end_short_or_fail_abort_the_task(failure: str) -> None:
+    async with FlareSite("site-1") as site, contextlib.AsyncExitStack() as stack:
+        stream = await raw_agent(await site.listen("memory://"))
+        await stack.enter_async_context(stream)
+
+        async def download() -> AsyncIterator[tuple[str, object]]:
+            yield "w", 1
+            if failure == "raises":
+                raise ConnectionError("the server went away")
+            if failure == "unsendable":
+                yield "b", object()
+
+        expected = {
+            "short": (ValueError, r"the entries \['b'\] of task 't1' never came"),
+            "raises": (ConnectionError, "the server went away"),
+            "unsendable": (TypeError, r"data\['b'\]"),
+        }[failure]
+        with anyio.fail_after(10), pytest.raises(expected[0], match=expected[1]):
+            await site.run_task(
+                "raw", "train", {}, task_id="t1", coming=Coming(["w", "b"], download())
+            )
+        with anyio.fail_after(10):
+            received = [await stream.receive() for _ in range(3)]
+        assert [type(message) for message in received] == [TaskAssign, Part, Abort]
+
+
+async def test_a_task_that_ends_while_its_entries_come_closes_them() -> None:
+    async with FlareSite("site-1") as site, contextlib.AsyncExitStack() as stack:
+        stream = await raw_agent(await site.listen("memory://"))
+        await stack.enter_async_context(stream)
+        give, coming = entries()
+        with anyio.move_on_after(0.05) as scope:  # the caller gives up: the task is aborted
+            await site.run_task("raw", "train", {}, task_id="t1", coming=Coming(["w"], coming))
+        assert scope.cancelled_caught
+        with give, pytest.raises(anyio.BrokenResourceError):  # the downloader learns at once
+            await give.send(("w", 1))
+        with anyio.fail_after(10):
+            assert isinstance(await stream.receive(), TaskAssign)
+            assert await stream.receive() == Abort(task_id="t1")
+
+
+async def test_a_reconnect_while_entries_come_sends_the_task_and_them_again() -> None:
+    async with FlareSite("site-1") as site:
+        faulty = FaultyConnector(connector_for(await site.listen("memory://")))
+        faulty.drop_on_receive(lambda message: isinstance(message, Part) and message.key == "b")
+        async with (
+            AsyncFlareAgent(faulty, agent_id="a1", site_name="site-1") as agent,
+            anyio.create_task_group() as group,
+        ):
+            give, coming = entries()
+
+            async def trainer() -> None:
+                task = await agent.get_task()
+                assert task is not None and task.data == {"w": "w", "b": "b", "c": "c"}
+                await agent.submit_result(OK)
+
+            async def download() -> None:
+                async with give:
+                    for key in "wbc":
+                        await give.send((key, key))
+
+            group.start_soon(trainer)
+            group.start_soon(download)
+            with anyio.fail_after(20):
+                result = await site.run_task(
+                    "a1", "train", {}, coming=Coming(["w", "b", "c"], coming)
+                )
+        assert result.data == OK.data
+        assert faulty.connections == 2 and faulty.received["Part"] >= 4

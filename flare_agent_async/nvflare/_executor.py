@@ -19,7 +19,8 @@ import ssl
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -34,6 +35,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
+from nvflare.apis.utils.task_utils import materialize_lazy_download_refs
 
 from .._environment import (
     CLIENT_SETTINGS,
@@ -47,8 +49,9 @@ from .._processes import processes_with
 from .._validate import as_secret
 from ..defs import RC, TaskResult
 from ..exceptions import SiteError, TaskAborted
-from ..site import FlareSite, HeldResult, LogRecord
+from ..site import Coming, FlareSite, HeldResult, LogRecord
 from ..tls import server_context
+from ._arrive import TASK_ROUTE, download_arrays_to, lazy_arrays, only_executors_of
 from ._convert import BadShareable, result_to_shareable, shareable_to_task
 from ._relay import consumed_in_client, relay
 
@@ -82,6 +85,26 @@ class _Cancel:
 
 class _TrainerExited(Exception):
     """The launched trainer exited before its agent connected."""
+
+
+class _DownloadFailed(Exception):
+    """The task's arrays could not be downloaded from the server."""
+
+
+_Entry = tuple[str, Any] | Exception
+"""An array of a task, by key, on its way from the download to the site; or why it failed."""
+_Coming = tuple[list[str], anyio.abc.ObjectReceiveStream[_Entry]]
+
+
+async def _entries(
+    receive: anyio.abc.ObjectReceiveStream[_Entry],
+) -> AsyncIterator[tuple[str, Any]]:
+    """The entries from ``receive``; a failure in it is raised."""
+    async with receive:
+        async for entry in receive:
+            if isinstance(entry, Exception):
+                raise entry
+            yield entry
 
 
 class AgentExecutor(Executor):  # type: ignore[misc]
@@ -136,6 +159,12 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         them. Results that something in the client job reads first (a result filter) come
         whole. False: every result comes to the client job whole, and NVFlare sends it from
         there.
+    :param relay_tasks: the task's arrays (the numpy arrays at the top of its data) come from
+        the server one at a time and go on to the trainer as each arrives, so that the two
+        transfers overlap and the client job never holds the downloaded bytes of more than one
+        array. Only in a job whose every executor is an `AgentExecutor` (it changes what the
+        job's executors get); a task data filter still gets the task whole. False: NVFlare
+        brings each task whole into the client job first.
     """
 
     def __init__(
@@ -158,6 +187,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         backend: str = "asyncio",
         client_config: dict[str, str] | None = None,
         relay_results: bool = True,
+        relay_tasks: bool = True,
     ) -> None:
         super().__init__()
         if agent_id is not None and (not isinstance(agent_id, str) or not agent_id):
@@ -205,6 +235,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self.abort_check_interval = float(abort_check_interval)
         self.backend = backend
         self.relay_results = bool(relay_results)
+        self.relay_tasks = bool(relay_tasks)
         self.url: str | None = None
         """The URL the site listens at, once the run started."""
         self._portal_cm: contextlib.AbstractContextManager[anyio.from_thread.BlockingPortal] | None
@@ -213,6 +244,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self._engine: Any = None  # NVFlare's engine, for the analytics events of log records
         self._cell: Any = None  # the client job's cell, which serves relayed results
         self._relayed: Callable[[], None] | None = None  # abandons the last relayed result
+        self._passes_tasks = False  # this executor made the cell pass tasks through
         self._host_future: concurrent.futures.Future[None] | None = None
         self._site: FlareSite | None = None
         self._sent_result: dict[str, Any] | None = None  # the arrays of the result NVFlare sends
@@ -245,6 +277,15 @@ class AgentExecutor(Executor):  # type: ignore[misc]
     def _start(self, fl_ctx: FLContext) -> None:
         engine = self._engine = fl_ctx.get_engine()
         self._cell = getattr(engine, "get_cell", lambda: None)()
+        topics = getattr(self._cell, "decode_pass_through_topics", None)
+        if (
+            self.relay_tasks
+            and isinstance(topics, set)
+            and TASK_ROUTE not in topics
+            and only_executors_of(AgentExecutor, fl_ctx)
+        ):
+            topics.add(TASK_ROUTE)
+            self._passes_tasks = True
         job_id = str(fl_ctx.get_job_id())
         site_name = str(fl_ctx.get_identity_name())
         if self.agent_id is None:
@@ -278,6 +319,8 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         self.log_info(
             fl_ctx, f"agent site {site_name!r} waits for agent {self.agent_id!r} at {url}"
         )
+        if self._passes_tasks:
+            self.log_info(fl_ctx, "tasks' arrays go on to the agent as they come from the server")
 
     def _forward_log(self, record: LogRecord) -> None:
         """Fire an agent's log record as NVFlare's analytics event (``analytix_log_stats``), as
@@ -435,6 +478,9 @@ class AgentExecutor(Executor):  # type: ignore[misc]
 
     def _shutdown(self) -> None:
         self._abandon_relayed()
+        if self._passes_tasks:
+            self._passes_tasks = False
+            self._cell.decode_pass_through_topics.discard(TASK_ROUTE)
         portal, self._portal = self._portal, None
         if portal is None:
             return
@@ -469,6 +515,24 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         except BadShareable as exc:
             self.log_error(fl_ctx, f"task {task_name!r}: {exc}")
             return make_reply(FlareRC.BAD_TASK_DATA)
+        refs = lazy_arrays(task.data)
+        if refs is None:  # passed through, but not as arrays the site can hand on one by one
+            try:
+                task.data = materialize_lazy_download_refs(task.data, self._cell, abort_signal)
+            except Exception as exc:
+                if abort_signal.triggered:
+                    return make_reply(FlareRC.TASK_ABORTED)
+                self.log_error(fl_ctx, f"task {task_name!r}: its data cannot be downloaded: {exc}")
+                return make_reply(FlareRC.EXECUTION_EXCEPTION)
+            refs = {}
+        coming: _Coming | None = None
+        feed: Callable[[], None] | None = None
+        if refs:
+            assert isinstance(task.data, dict)
+            task.data.update(dict.fromkeys(refs))  # the entries follow the task
+            send, receive = anyio.create_memory_object_stream[_Entry](0)
+            coming = (list(refs), receive)
+            feed = partial(self._download, refs, abort_signal, send)
         # From here the site alone holds the task's arrays, until the trainer has them (or until
         # the result, with keep_task_data): NVFlare's task lets go of them now, and they are
         # handed down in a box the site empties, so that no frame on the way keeps them alive.
@@ -484,7 +548,15 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         )
         try:
             result = self._call(
-                abort_signal, self._run_task, task_name, task.task_id, data, task.meta, hold
+                abort_signal,
+                self._run_task,
+                task_name,
+                task.task_id,
+                data,
+                task.meta,
+                hold,
+                coming,
+                feed=feed,
             )
         except (_Aborted, TaskAborted):
             self.log_info(fl_ctx, f"task {task_name!r} {task.task_id} aborted")
@@ -492,7 +564,7 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         except TypeError as exc:
             self.log_error(fl_ctx, f"task {task_name!r} cannot be sent to the agent: {exc}")
             return make_reply(FlareRC.BAD_TASK_DATA)
-        except (SiteError, TimeoutError, _TrainerExited) as exc:
+        except (SiteError, TimeoutError, _TrainerExited, _DownloadFailed) as exc:
             self.log_error(fl_ctx, f"task {task_name!r} {task.task_id} failed: {exc}")
             return make_reply(FlareRC.EXECUTION_EXCEPTION)
         elapsed_ms = (time.monotonic() - started) * 1000
@@ -530,15 +602,48 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             self._abandon_relayed()  # it could not be made into a DXO: nothing will download it
         return shareable
 
-    def _call(self, abort_signal: Signal, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    def _download(
+        self, refs: dict[str, Any], abort_signal: Signal, send: anyio.abc.ObjectSendStream[_Entry]
+    ) -> None:
+        """Download the task's arrays from the server into ``send``, one at a time; each send
+        waits until the site has taken the array. A failure goes down ``send`` last, for the
+        site's `run_task` to raise: `_Aborted` if NVFlare aborted the task, else
+        `_DownloadFailed`."""
+        portal = self._portal
+        assert portal is not None
+
+        def give(key: str, array: Any) -> None:
+            portal.call(send.send, (key, array))  # raises once the site stopped taking them
+
+        try:
+            problem = download_arrays_to(refs, self._cell, abort_signal, give)
+        except Exception as exc:
+            problem = repr(exc)
+        # The site may have stopped taking entries (the task ended), or its loop be gone.
+        with contextlib.suppress(anyio.BrokenResourceError, RuntimeError):
+            if problem is not None:
+                failure = _Aborted() if abort_signal.triggered else _DownloadFailed(problem)
+                portal.call(send.send, failure)
+            portal.call(send.aclose)
+
+    def _call(
+        self,
+        abort_signal: Signal,
+        function: Callable[..., Awaitable[T]],
+        *args: Any,
+        feed: Callable[[], None] | None = None,
+    ) -> T:
         """Run ``function`` in the site's loop; cancel it if NVFlare's abort signal fires.
 
-        On abort it returns only once the cancellation has run its course (the abort is queued
-        for the agent), so the agent hears of it before it hears of the next task.
+        ``feed`` runs in this thread first, while ``function`` runs (downloading what it sends,
+        say). On abort it returns only once the cancellation has run its course (the abort is
+        queued for the agent), so the agent hears of it before it hears of the next task.
         """
         assert self._portal is not None
         cancel = _Cancel()
         future = self._portal.start_task_soon(self._cancellable, cancel, function, *args)
+        if feed is not None:
+            feed()
         while True:
             try:
                 results = future.result(timeout=self.abort_check_interval)
@@ -568,10 +673,17 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         return []
 
     async def _run_task(
-        self, task_name: str, task_id: str, data: list[Any], meta: dict[str, Any], hold: bool
+        self,
+        task_name: str,
+        task_id: str,
+        data: list[Any],
+        meta: dict[str, Any],
+        hold: bool,
+        coming: _Coming | None,
     ) -> TaskResult:
         """Run the task on the agent; ``data`` is a box holding the task's data, emptied when it
-        is handed to the site; with ``hold``, the agent holds back the result's arrays."""
+        is handed to the site; with ``hold``, the agent holds back the result's arrays; entries
+        ``coming`` follow the task."""
         site = self._site
         agent_id = self.agent_id
         assert site is not None and agent_id is not None
@@ -593,11 +705,17 @@ class AgentExecutor(Executor):  # type: ignore[misc]
                     task_id=task_id,
                     timeout=self.task_timeout,
                     hold_arrays=hold,
+                    coming=None if coming is None else Coming(coming[0], _entries(coming[1])),
                 )
             except TimeoutError as exc:
                 raise TimeoutError(f"no result within task_timeout={self.task_timeout} s") from exc
 
-        return await self._unless_trainer_exits(run)
+        try:
+            return await self._unless_trainer_exits(run)
+        finally:
+            if coming is not None:  # the download stops, if the site did not take them all
+                with anyio.CancelScope(shield=True):
+                    await coming[1].aclose()
 
     async def _unless_trainer_exits(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work``; if the launched trainer exits first, cancel it and fail at once."""

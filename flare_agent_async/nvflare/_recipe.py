@@ -48,6 +48,7 @@ class ExecutorOptions(TypedDict, total=False):
     abort_check_interval: float
     backend: str
     relay_results: bool
+    relay_tasks: bool
 
 
 def use_agent_executor(recipe: R, **options: Unpack[ExecutorOptions]) -> R:

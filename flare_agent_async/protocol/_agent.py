@@ -20,6 +20,10 @@ A task assigned with ``hold_arrays`` has its result sent without the numpy array
 its data: the agent answers the site's `PartRequest` for each, as often as asked, until the
 result is acknowledged.
 
+A task whose entries are ``coming`` arrives in pieces: the `TaskAssign`, then a `Part` for each
+such entry. Until the last one, the task is *arriving*: not pending, not acknowledged, and
+dropped by an abort, a newer task, or a lost connection (the site sends it all again).
+
 The machine knows tasks by id: `fetch_task` hands over the site's `TaskAssign`, and the driver
 makes the trainer's `Task` of it, signals its abort when an `AbortReceived` event says so, and
 runs the trainer's abort callbacks. Nothing here runs user code.
@@ -43,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from ..defs import RC, TaskResult
@@ -198,6 +203,25 @@ def _task_data_problem(message: TaskAssign) -> str | None:
     return None
 
 
+@dataclass(eq=False)
+class _Arriving:
+    """A task whose ``coming`` entries are on their way: its data so far, and the keys missing."""
+
+    message: TaskAssign
+    data: dict[str, Any]
+    missing: set[str]
+
+
+def _coming_problem(message: TaskAssign) -> str | None:
+    """Why a task's ``coming`` entries cannot be filled in, or None if they can."""
+    if not isinstance(message.data, dict):
+        return f"a task with coming entries must have dict data, got {type(message.data).__name__}"
+    keys: list[object] = list(message.coming)
+    if not all(isinstance(key, str) for key in keys) or len(set(keys)) != len(keys):
+        return f"the coming entries must be distinct str keys, got {keys!r}"
+    return None
+
+
 @dataclass
 class AgentProtocol:
     """The agent's half of the protocol: what to send, and what the site's messages mean."""
@@ -219,6 +243,7 @@ class AgentProtocol:
 
     _outbox: list[Message] = field(default_factory=list, init=False)
     _pending: TaskAssign | None = field(default=None, init=False)
+    _arriving: _Arriving | None = field(default=None, init=False)  # waits for coming entries
     _current_id: str | None = field(default=None, init=False)  # fetched, not yet submitted
     _current_aborted: bool = field(default=False, init=False)
     _current_holds: bool = field(default=False, init=False)  # its result holds back arrays
@@ -255,6 +280,7 @@ class AgentProtocol:
         if self.state is not AgentState.CLOSED:
             self.state = AgentState.IDLE
         self._outbox.clear()
+        self._arriving = None  # unacknowledged: the site sends it all again
 
     def data_to_send(self, *, flush_acks: bool = True) -> list[Message]:
         """The messages to send now, in order; the outbox is empty afterwards.
@@ -285,6 +311,7 @@ class AgentProtocol:
         self.state = AgentState.CLOSED
         self.close_reason = reason
         self._pending = None
+        self._arriving = None
         for submission in self._unsettled.values():
             submission.accepted = False
             submission.reason = f"the agent closed before the site acknowledged: {reason}"
@@ -359,11 +386,45 @@ class AgentProtocol:
 
     def _task_assigned(self, message: TaskAssign) -> list[AgentEvent]:
         task_id = message.task_id
-        self._outbox.append(TaskAck(task_id=task_id))
         if task_id in self._seen:
+            self._outbox.append(TaskAck(task_id=task_id))
             return []
-        self._seen.add(task_id, None)
+        # A task still arriving is superseded by a newer one, or starts again if sent again.
+        self._arriving = None
         problem = _task_data_problem(message)
+        if problem is None and message.coming:
+            problem = _coming_problem(message)
+            if problem is None:
+                assert isinstance(message.data, dict)
+                self._arriving = _Arriving(message, dict(message.data), set(message.coming))
+                return []
+        return self._task_arrived(message, problem)
+
+    def _part_arrived(self, message: Part) -> list[AgentEvent]:
+        arriving = self._arriving
+        if arriving is None or arriving.message.task_id != message.task_id:
+            return []  # an entry of a task aborted or superseded meanwhile
+        key = message.key
+        if key not in arriving.message.coming:
+            raise RemoteProtocolError(
+                f"entry {key!r} of task {message.task_id!r} was not said to be coming"
+            )
+        if message.error:
+            self._arriving = None
+            return self._task_arrived(arriving.message, f"entry {key!r}: {message.error}")
+        arriving.data[key] = message.value
+        arriving.missing.discard(key)
+        if arriving.missing:
+            return []
+        self._arriving = None
+        whole = msgspec.structs.replace(arriving.message, data=arriving.data, coming=[])
+        return self._task_arrived(whole, None)
+
+    def _task_arrived(self, message: TaskAssign, problem: str | None) -> list[AgentEvent]:
+        """A task is here whole (or ``problem`` says why it cannot reach a trainer)."""
+        task_id = message.task_id
+        self._outbox.append(TaskAck(task_id=task_id))
+        self._seen.add(task_id, None)
         if problem is not None:
             result = TaskResult({}, None, RC.BAD_TASK_DATA)
             self._queue_result(task_id, result)
@@ -382,6 +443,9 @@ class AgentProtocol:
     def _aborted(self, message: Abort) -> list[AgentEvent]:
         task_id = message.task_id
         self._seen.add(task_id, None)  # a resend of an aborted task must not revive it
+        if self._arriving is not None and self._arriving.message.task_id == task_id:
+            self._arriving = None  # the trainer never heard of it
+            return []
         if self._pending is not None and self._pending.task_id == task_id:
             self._pending = None
             return [AbortReceived(task_id, fetched=False)]
@@ -533,6 +597,7 @@ _TRANSITIONS: dict[tuple[AgentState, type[Message]], _Transition] = {
     (AgentState.READY, Abort): AgentProtocol._aborted,
     (AgentState.READY, ResultAck): AgentProtocol._result_acked,
     (AgentState.READY, PartRequest): AgentProtocol._part_requested,
+    (AgentState.READY, Part): AgentProtocol._part_arrived,
     (AgentState.READY, Heartbeat): AgentProtocol._heartbeat_answered,
     (AgentState.READY, Bye): AgentProtocol._said_bye,
 }

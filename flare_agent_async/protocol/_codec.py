@@ -254,6 +254,11 @@ class FrameReader:
                 task_id=task_id, task_name=name, meta={}, data=InvalidPayload(reason)
             )
             return invalid, _discard(lengths)
+        key = fields.get("key")
+        if fields.get("kind") == "part" and isinstance(task_id, str) and isinstance(key, str):
+            # An entry that cannot be decoded: the receiver learns which, and why.
+            failed = Part(task_id=task_id, key=key, error=f"cannot decode the entry: {problem}")
+            return failed, _discard(lengths)
         raise FrameError(f"malformed {fields.get('kind', 'message')!s}: {problem}") from problem
 
     def _copy_staged(self) -> None:
@@ -282,6 +287,9 @@ class FrameReader:
                 if isinstance(message, TaskAssign):
                     reason = f"cannot decode the task's payload: {exc!r}"
                     return msgspec.structs.replace(message, meta={}, data=InvalidPayload(reason))
+                if isinstance(message, Part):
+                    reason = f"cannot decode the entry: {exc!r}"
+                    return msgspec.structs.replace(message, value=None, error=reason)
                 raise FrameError(f"malformed {type(message).__name__}: {exc!r}") from exc
             message = msgspec.structs.replace(message, **finished)
         return message

@@ -32,7 +32,8 @@ __all__ = [
     "Welcome",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: a task's entries may come after it (`TaskAssign.coming`, `Part` from the site)."""
 
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
@@ -94,6 +95,9 @@ class TaskAssign(_Base, tag="task", frozen=True, kw_only=True, omit_defaults=Tru
     hold_arrays: bool = False
     """The site fetches the result's arrays one at a time, as it needs them (`PartRequest`): the
     agent's `Result` holds back the numpy arrays at the top of its data, until acknowledged."""
+    coming: list[str] = []
+    """Keys of the data's entries that follow the task, each in a `Part` from the site (None in
+    their place here); the agent has the task, and acknowledges it, once all have come."""
 
 
 class TaskAck(_Base, tag="task_ack", frozen=True, kw_only=True):
@@ -122,7 +126,9 @@ class PartRequest(_Base, tag="part_request", frozen=True, kw_only=True):
 
 
 class Part(_Base, tag="part", frozen=True, kw_only=True):
-    """Agent to site: a held-back entry of a result's data, or why it cannot be sent."""
+    """Either way, one entry of a task's or result's data: agent to site, a held-back entry of a
+    result (or why it cannot be sent); site to agent, an entry of a task that said it was
+    `coming <TaskAssign.coming>` (or, if it failed to decode, why not)."""
 
     task_id: str
     key: str

@@ -19,6 +19,8 @@ Guarantees:
 * after a reconnect, tasks the agent has not acknowledged are sent again; after a restart (a new
   ``instance_id``) every unfinished task is, since the old process took its tasks with it;
 * an agent works on one task at a time: assigning a new one aborts the one it has (NVFlare's rule);
+* a task assigned with ``coming`` entries goes out at once, and each entry after it as the site's
+  caller gives it (`send_part`); the entries given so far go again with every resend of the task;
 * a result that holds back arrays (a task assigned with ``hold_arrays``) is acknowledged only
   when the site's caller calls `release`: until then the agent keeps the arrays, and each
   `request_part` is asked again on every new connection. An agent that restarts or leaves
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +127,8 @@ class SiteTask:
     error: BaseException | None = None
     held: tuple[str, ...] = ()
     """The keys of the result's entries its agent holds back until `SiteSession.release`."""
+    parts: dict[str, Any] = field(default_factory=dict)
+    """The ``coming`` entries given so far (`SiteSession.send_part`), kept as the data is."""
 
     @property
     def task_id(self) -> str:
@@ -272,6 +276,10 @@ class SiteSession:
             elif restarted or not task.acked:
                 task.acked = False
                 self._outbox.append(task.message)
+                self._outbox.extend(
+                    Part(task_id=task.task_id, key=key, value=value)
+                    for key, value in task.parts.items()
+                )
         return lost
 
     def connection_lost(self) -> None:
@@ -293,31 +301,64 @@ class SiteSession:
         data: Any,
         *,
         hold_arrays: bool = False,
+        coming: Sequence[str] = (),
     ) -> tuple[SiteTask, list[SiteTask]]:
         """Assign a task; returns it and the tasks it superseded (now finished as aborted).
 
         With ``hold_arrays``, the agent's result holds back the numpy arrays at the top of its
-        data (`SiteTask.held`), for `request_part`, until `release`.
+        data (`SiteTask.held`), for `request_part`, until `release`. ``coming`` names entries
+        of the data (a dict) that are not here yet: each follows the task with `send_part`.
 
         :raises AgentGone: the agent has left.
-        :raises ValueError: ``task_id`` is already in use for this agent.
+        :raises ValueError: ``task_id`` is already in use for this agent; or ``coming`` names
+            keys that are not distinct str, or entries the data has, or the data is no dict.
         """
         if self.state is SessionState.GONE:
             raise AgentGone(f"agent {self.agent_id!r} is gone: {self.gone_reason}")
         if task_id in self._tasks or task_id in self._finished:
             raise ValueError(f"task id {task_id!r} is already used for agent {self.agent_id!r}")
+        coming = list(coming)
+        if coming:
+            if not isinstance(data, dict):
+                raise ValueError("a task with coming entries needs dict data")
+            if not all(isinstance(key, str) for key in coming) or len(set(coming)) != len(coming):
+                raise ValueError(f"coming must name distinct str keys, got {coming!r}")
+            if any(data.get(key) is not None for key in coming):
+                raise ValueError("the data has entries that coming says are still to come")
+            data = {**data, **dict.fromkeys(coming)}  # the keys, in place for the entries
         superseded = [
             self._abort(old, TaskAborted(f"task {old.task_id!r} was superseded by {task_id!r}"))
             for old in list(self._tasks.values())
         ]
         message = TaskAssign(
-            task_id=task_id, task_name=task_name, meta=meta, data=data, hold_arrays=hold_arrays
+            task_id=task_id,
+            task_name=task_name,
+            meta=meta,
+            data=data,
+            hold_arrays=hold_arrays,
+            coming=coming,
         )
         task = SiteTask(self.agent_id, message)
         self._tasks[task_id] = task
         if self.state is SessionState.CONNECTED:
             self._outbox.append(task.message)
         return task, superseded
+
+    def send_part(self, task_id: str, key: str, value: Any) -> bool:
+        """Give one of a task's ``coming`` entries; it goes to the agent now, or with the task's
+        next resend. Returns False if the task has ended (aborted, say): nobody needs it.
+
+        :raises ValueError: the task's entry ``key`` was not coming, or was already given.
+        """
+        task = self._tasks.get(task_id)
+        if task is None:
+            return False
+        if key not in task.message.coming or key in task.parts:
+            raise ValueError(f"entry {key!r} of task {task_id!r} is not one still to come")
+        task.parts[key] = value
+        if self.state is SessionState.CONNECTED:
+            self._outbox.append(Part(task_id=task_id, key=key, value=value))
+        return True
 
     def abort(self, task_id: str) -> SiteTask | None:
         """Abort an unfinished task; returns it (ended by `TaskAborted`), or None if unknown."""
@@ -453,10 +494,16 @@ class SiteSession:
         if isinstance(message, TaskAck):
             task = self._tasks.get(message.task_id)
             if task is not None:
+                if len(task.parts) < len(task.message.coming):
+                    raise RemoteProtocolError(
+                        f"agent {self.agent_id!r} acknowledged task {task.task_id!r} "
+                        "before all its entries came"
+                    )
                 task.acked = True
                 if not self.config.keep_task_data and not task.released:
                     # The agent has the data: what stays here is all a resend would need.
                     task.message = msgspec.structs.replace(task.message, data=None)
+                    task.parts = {}
                     task.released = True
             return []
         if isinstance(message, Heartbeat):

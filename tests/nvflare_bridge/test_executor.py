@@ -30,12 +30,16 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
-from nvflare.app_common.np.np_downloader import download_arrays
+from nvflare.app_common.decomposers import numpy_decomposers
+from nvflare.app_common.np.np_downloader import ArrayDownloadable, download_arrays
 from nvflare.fuel.f3.cellnet.cell import Cell
+from nvflare.fuel.f3.streaming.obj_downloader import ObjectDownloader
+from nvflare.fuel.utils.fobs import dots
 from nvflare.fuel.utils.fobs.decomposers.via_downloader import LazyDownloadRef
 
 from flare_agent_async import AgentClosed, AsyncFlareAgent, HeldResult, TaskResult
 from flare_agent_async.nvflare import AgentExecutor, NpzModelPersistor, result_to_shareable
+from flare_agent_async.nvflare._arrive import TASK_ROUTE
 from flare_agent_async.nvflare._executor import _Aborted
 from flare_agent_async.tls import client_context
 
@@ -576,3 +580,113 @@ def test_a_held_result_that_comes_as_nvflare_aborts_is_released(fl_ctx: FLContex
     finally:
         executor.handle_event(EventType.END_RUN, fl_ctx)
     assert released == [(False, "NVFlare aborted the task")]
+
+
+# -- tasks whose arrays come from the server one at a time ----------------------------------------
+
+
+class Router:
+    """NVFlare's client runner, as far as the executor looks: which executor runs which task."""
+
+    def __init__(self, **executors: object) -> None:
+        self.task_router = type("TaskRouter", (), {"task_table": executors})()
+
+
+def passed_through(cells: Cells, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A task's arrays as NVFlare hands them over when the cell passes tasks through:
+    references to a download transaction on the server."""
+    downloader = ObjectDownloader(cell=cells.server, timeout=30.0, num_receivers=1)
+    item_ids = [f"T{index}" for index in range(len(arrays))]
+    items = dict(zip(item_ids, arrays.values(), strict=True))
+    ref_id = downloader.add_object(ArrayDownloadable(items, 2**20))
+    fqcn = cells.server.get_fqcn()
+    return {
+        key: LazyDownloadRef(fqcn, ref_id, item_id, dots.NUMPY_DOWNLOAD)
+        for key, item_id in zip(arrays, item_ids, strict=True)
+    }
+
+
+def test_the_cell_passes_tasks_through_only_where_every_executor_is_an_agent_executor(
+    cell_ctx: FLContext, cells: Cells
+) -> None:
+    only_ours = AgentExecutor(agent_id="a1")
+    cases = [
+        (only_ours, Router(train=only_ours, validate=AgentExecutor()), True),
+        (only_ours, Router(train=only_ours, validate=object()), False),
+        (AgentExecutor(agent_id="a1", relay_tasks=False), None, False),
+    ]
+    for executor, router, passes in cases:
+        cell_ctx.set_prop(FLContextKey.RUNNER, router or Router(train=executor), private=True)
+        executor.handle_event(EventType.START_RUN, cell_ctx)
+        try:
+            assert (TASK_ROUTE in cells.job.decode_pass_through_topics) is passes
+        finally:
+            executor.handle_event(EventType.END_RUN, cell_ctx)
+        assert TASK_ROUTE not in cells.job.decode_pass_through_topics
+
+
+async def test_a_passed_through_tasks_arrays_come_from_the_server_on_to_the_trainer(
+    cell_ctx: FLContext, cells: Cells
+) -> None:
+    arrays = {"w": np.arange(600_000, dtype=np.float32), "b": np.ones((2, 3))}  # w: 2 chunks
+    executor = AgentExecutor(agent_id="a1", relay_results=False)
+    async with trainer_of(executor, cell_ctx) as agent:
+        shareable = task_shareable({"n": 3, **passed_through(cells, arrays)})
+        async with executing(executor, shareable, cell_ctx) as replies:
+            task = await agent.get_task()
+            assert task is not None and list(task.data) == ["n", "w", "b"]
+            for key, array in arrays.items():
+                np.testing.assert_array_equal(task.data[key], array)
+            assert await agent.submit_result(TaskResult({}, {"sum": float(task.data["w"].sum())}))
+    (reply,) = replies
+    assert reply.get_return_code() == ReturnCode.OK
+    assert from_shareable(reply).data == {"sum": float(arrays["w"].sum())}
+
+
+async def test_references_the_site_cannot_hand_on_one_by_one_are_downloaded_first(
+    cell_ctx: FLContext, cells: Cells
+) -> None:
+    numpy_decomposers.register()  # as NVFlare's runtime does
+    arrays = {"w": np.arange(5.0)}
+    executor = AgentExecutor(agent_id="a1", relay_results=False)
+    async with trainer_of(executor, cell_ctx) as agent:
+        shareable = task_shareable({"model": passed_through(cells, arrays)})  # nested
+        async with executing(executor, shareable, cell_ctx) as replies:
+            task = await agent.get_task()
+            assert task is not None
+            np.testing.assert_array_equal(task.data["model"]["w"], arrays["w"])
+            assert await agent.submit_result(TaskResult({}, {"n": 1}))
+    assert replies[0].get_return_code() == ReturnCode.OK
+
+
+async def test_a_task_whose_arrays_cannot_be_downloaded_fails_and_never_reaches_the_trainer(
+    cell_ctx: FLContext, cells: Cells
+) -> None:
+    executor = AgentExecutor(agent_id="a1")
+    async with trainer_of(executor, cell_ctx) as agent:
+        refs = passed_through(cells, {"w": np.arange(3.0)})
+        gone = {"w": LazyDownloadRef(refs["w"].fqcn, "no-such-transaction", "T0", refs["w"].dot)}
+        async with executing(executor, task_shareable({"n": 1, **gone}, "t1"), cell_ctx) as first:
+            pass
+        assert first[0].get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+        async with executing(executor, task_shareable({"n": 2}, "t2"), cell_ctx):
+            task = await agent.get_task()  # the first never reached the trainer
+            assert task is not None and task.task_id == "t2"
+            assert await agent.submit_result(TaskResult({}, {"n": 2}))
+
+
+async def test_a_task_nvflare_aborts_while_its_arrays_download_is_aborted(
+    cell_ctx: FLContext, cells: Cells
+) -> None:
+    executor = AgentExecutor(agent_id="a1")
+    async with trainer_of(executor, cell_ctx) as agent:
+        refs = passed_through(cells, {"w": np.arange(3.0)})
+        signal = Signal()
+        signal.trigger(True)  # the download sees it before its first request
+        async with executing(executor, task_shareable(refs, "t1"), cell_ctx, signal) as first:
+            pass
+        assert first[0].get_return_code() == ReturnCode.TASK_ABORTED
+        async with executing(executor, task_shareable({"n": 2}, "t2"), cell_ctx):
+            task = await agent.get_task()
+            assert task is not None and task.task_id == "t2"
+            assert await agent.submit_result(TaskResult({}, {"n": 2}))

@@ -28,6 +28,7 @@ from flare_agent_async.protocol import (
     Hello,
     Log,
     Message,
+    Part,
     Reject,
     RejectReceived,
     Result,
@@ -851,3 +852,97 @@ def test_held_arrays_are_kept_until_the_result_settles_or_the_agent_closes() -> 
     assert list(closed.held) == ["w", "b"]
     agent.close("stopping")
     assert closed.held == {} and closed.accepted is False
+
+
+# -- tasks whose entries come after them ----------------------------------------------------------
+
+
+def announce(agent: AgentProtocol, task_id: str = "t1", **fields: Any) -> list[Any]:
+    values: dict[str, Any] = {"data": {"w": None, "n": 1, "b": None}, "coming": ["w", "b"]}
+    values.update(fields)
+    message = TaskAssign(task_id=task_id, task_name="train", meta={}, **values)
+    return agent.receive(message)
+
+
+def test_a_task_with_coming_entries_is_pending_and_acknowledged_once_all_came() -> None:
+    agent = ready_agent()
+    assert announce(agent) == []
+    assert agent.data_to_send() == [] and not agent.task_pending
+    w, b = np.arange(3.0), np.ones(2)
+    assert agent.receive(Part(task_id="t1", key="w", value=w)) == []
+    assert agent.data_to_send() == [] and not agent.task_pending
+    assert agent.receive(Part(task_id="t1", key="b", value=b)) == [TaskReceived("t1", "train")]
+    assert agent.data_to_send() == [TaskAck(task_id="t1")]
+    task = agent.fetch_task()
+    assert task is not None and task.coming == []
+    assert list(task.data) == ["w", "n", "b"]  # the data's order stays
+    assert task.data["w"] is w and task.data["b"] is b and task.data["n"] == 1
+
+
+def test_an_arriving_task_is_dropped_by_an_abort_a_newer_task_or_a_lost_connection() -> None:
+    agent = ready_agent()
+    announce(agent)
+    assert agent.receive(Abort(task_id="t1")) == []  # the trainer never heard of it
+    assert agent.receive(Part(task_id="t1", key="w", value=1)) == []
+    assert agent.receive(Part(task_id="t1", key="b", value=2)) == []
+    assert not agent.task_pending and agent.data_to_send() == []
+
+    announce(agent, "t2")
+    agent.receive(Part(task_id="t2", key="w", value=1))
+    give_task(agent, "t3")  # newer: t2 is gone, and its late entries too
+    assert agent.receive(Part(task_id="t2", key="b", value=2)) == []
+    agent.submit(TaskResult({}, None))
+
+    announce(agent, "t4")
+    agent.receive(Part(task_id="t4", key="w", value=1))
+    agent.connection_lost()
+    connect(agent)
+    agent.data_to_send()
+    assert agent.receive(Part(task_id="t4", key="b", value=2)) == []  # the site starts over
+    assert not agent.task_pending
+
+
+def test_an_arriving_task_sent_again_starts_over() -> None:
+    agent = ready_agent()
+    announce(agent)
+    agent.receive(Part(task_id="t1", key="w", value="old"))
+    announce(agent)  # the site's resend: the entries come again
+    agent.receive(Part(task_id="t1", key="b", value=2))
+    assert not agent.task_pending
+    assert agent.receive(Part(task_id="t1", key="w", value="new")) == [TaskReceived("t1", "train")]
+    task = agent.fetch_task()
+    assert task is not None and task.data["w"] == "new"
+
+
+def test_an_entry_that_cannot_be_decoded_makes_the_task_bad_task_data() -> None:
+    agent = ready_agent()
+    announce(agent)
+    events = agent.receive(Part(task_id="t1", key="w", error="cannot decode the entry: x"))
+    assert events == [BadTaskReceived("t1", "entry 'w': cannot decode the entry: x")]
+    ack, result = agent.data_to_send()
+    assert ack == TaskAck(task_id="t1")
+    assert isinstance(result, Result) and result.return_code == RC.BAD_TASK_DATA
+    assert not agent.task_pending
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"data": [1, 2]}, "must have dict data, got list"),
+        ({"coming": ["w", "w"]}, "distinct str keys"),
+        ({"coming": [1]}, "distinct str keys"),
+    ],
+)
+def test_a_task_whose_coming_entries_cannot_be_filled_in_is_bad_task_data(
+    fields: dict[str, Any], problem: str
+) -> None:
+    agent = ready_agent()
+    (event,) = announce(agent, **fields)
+    assert isinstance(event, BadTaskReceived) and problem in event.reason
+
+
+def test_an_entry_the_task_did_not_announce_is_the_sites_protocol_error() -> None:
+    agent = ready_agent()
+    announce(agent)
+    with pytest.raises(RemoteProtocolError, match="'x' of task 't1' was not said to be coming"):
+        agent.receive(Part(task_id="t1", key="x", value=1))

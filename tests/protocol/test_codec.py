@@ -31,6 +31,7 @@ from flare_agent_async.protocol import (
     Limits,
     Log,
     Message,
+    Part,
     PayloadType,
     Result,
     ResultAck,
@@ -1179,6 +1180,29 @@ def test_a_failing_from_wire_makes_the_task_payload_invalid() -> None:
     bad, after = feed(FrameReader(), frame(task_dict(data)) + blob_of(Heartbeat()))
     assert isinstance(bad.data, InvalidPayload)
     assert after == Heartbeat()
+
+
+@pytest.mark.parametrize(("data", "lengths", "buffers", "reason"), BAD_PAYLOADS)
+def test_an_undecodable_entry_is_a_part_that_says_why_and_keeps_in_sync(
+    data: Any, lengths: list[int], buffers: bytes, reason: str
+) -> None:
+    part = {"kind": "part", "task_id": "t1", "key": "w", "value": data}
+    bad, after = feed(FrameReader(), frame(part, lengths, buffers) + blob_of(Heartbeat()))
+    assert type(bad) is Part and (bad.task_id, bad.key, bad.value) == ("t1", "w", None)
+    assert bad.error.startswith("cannot decode the entry: ") and reason in bad.error
+    assert after == Heartbeat()
+
+
+@pytest.mark.usefixtures("registry")
+def test_a_failing_from_wire_in_an_entry_is_a_part_that_says_why() -> None:
+    part = {
+        "kind": "part",
+        "task_id": "t1",
+        "key": "w",
+        "value": ext(EXT_CUSTOM, ["tests.Point", "abc"]),
+    }
+    (bad,) = feed(FrameReader(), frame(part))
+    assert type(bad) is Part and bad.value is None and "cannot decode the entry" in bad.error
 
 
 @pytest.mark.usefixtures("registry")

@@ -1091,3 +1091,93 @@ def test_a_held_result_lost_with_a_restart_says_so_to_a_later_fetch() -> None:
     assert link.session.connection_made(hello(instance_id="instance-2")) == []
     with pytest.raises(TaskLost, match="restarted"):
         link.session.request_part("t1", "a")
+
+
+# -- tasks whose entries come after them ----------------------------------------------------------
+
+
+def announced(session: SiteSession, task_id: str = "t1") -> SiteTask:
+    task, _ = session.assign(task_id, "train", {}, {"w": None, "n": 1}, coming=["w", "b"])
+    return task
+
+
+def test_a_tasks_coming_entries_follow_it_and_go_again_with_every_resend() -> None:
+    session = connected_session()
+    task = announced(session)
+    (sent,) = session.data_to_send()
+    assert isinstance(sent, TaskAssign) and sent.coming == ["w", "b"]
+    assert sent.data == {"w": None, "n": 1, "b": None}
+    w = np.arange(3.0)
+    assert session.send_part("t1", "w", w)
+    assert session.data_to_send() == [Part(task_id="t1", key="w", value=w)]
+    session.connection_lost()
+    assert session.send_part("t1", "b", 2)  # kept for the resend
+    session.connection_made(hello())
+    assert session.data_to_send()[1:] == [
+        sent,
+        Part(task_id="t1", key="w", value=w),
+        Part(task_id="t1", key="b", value=2),
+    ]
+    assert session.receive(TaskAck(task_id="t1")) == []
+    assert task.acked and task.parts == {"w": w, "b": 2}  # kept: the data is, by default
+
+
+def test_without_keep_task_data_the_entries_go_with_the_acknowledgement() -> None:
+    session = connected_session(config=dataclasses.replace(CONFIG, keep_task_data=False))
+    task = announced(session)
+    session.send_part("t1", "w", 1)
+    session.send_part("t1", "b", 2)
+    session.receive(TaskAck(task_id="t1"))
+    assert task.released and task.parts == {} and task.message.data is None
+
+
+def test_entries_are_checked_and_those_of_an_ended_task_are_not_sent() -> None:
+    session = connected_session()
+    with pytest.raises(ValueError, match="needs dict data"):
+        session.assign("t0", "train", {}, [1], coming=["w"])
+    with pytest.raises(ValueError, match="distinct str keys"):
+        session.assign("t0", "train", {}, {}, coming=["w", "w"])
+    with pytest.raises(ValueError, match="entries that coming says are still to come"):
+        session.assign("t0", "train", {}, {"w": 1}, coming=["w"])
+    announced(session)
+    session.send_part("t1", "w", 1)
+    with pytest.raises(ValueError, match="entry 'w' of task 't1' is not one still to come"):
+        session.send_part("t1", "w", 1)
+    with pytest.raises(ValueError, match="entry 'x'"):
+        session.send_part("t1", "x", 1)
+    session.abort("t1")
+    session.data_to_send()
+    assert session.send_part("t1", "b", 2) is False
+    assert session.data_to_send() == []
+
+
+def test_an_agent_that_acknowledges_a_task_before_its_entries_came_breaks_the_protocol() -> None:
+    session = connected_session()
+    announced(session)
+    session.send_part("t1", "w", 1)
+    with pytest.raises(RemoteProtocolError, match="before all its entries came"):
+        session.receive(TaskAck(task_id="t1"))
+
+
+def test_a_task_with_coming_entries_reaches_the_agents_trainer_whole() -> None:
+    session, agent = connected_session(), AgentProtocol(AGENT_ID, SITE, JOB, instance_id="i")
+    agent.connection_made()
+    session.connection_made(agent.data_to_send()[0])  # type: ignore[arg-type]
+    w = np.arange(4.0)
+
+    def exchange() -> None:
+        for message in session.data_to_send():
+            agent.receive(message)
+        for message in agent.data_to_send():
+            session.receive(message)
+
+    task = announced(session)
+    exchange()
+    session.send_part("t1", "b", "b")
+    exchange()
+    assert not agent.task_pending and not task.acked
+    session.send_part("t1", "w", w)
+    exchange()
+    fetched = agent.fetch_task()
+    assert task.acked and fetched is not None
+    assert fetched.data == {"w": w, "n": 1, "b": "b"}

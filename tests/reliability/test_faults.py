@@ -17,7 +17,14 @@ import pytest
 from reliability_helpers import Ledger, big_payload, checksum, echo_trainer, report
 
 from flare_agent_async import AsyncFlareAgent, FlareSite, TaskAborted, TaskResult
-from flare_agent_async.protocol import Heartbeat, Hello, Message, Result, TaskAssign
+from flare_agent_async.protocol import (
+    PROTOCOL_VERSION,
+    Heartbeat,
+    Hello,
+    Message,
+    Result,
+    TaskAssign,
+)
 from flare_agent_async.testing import FaultyConnector
 from flare_agent_async.transports import MemoryConnector
 
@@ -139,7 +146,12 @@ async def test_a_peer_that_sends_without_reading_is_held_back() -> None:
         url = await site.listen("memory://")
         stream = await MemoryConnector(url).connect()
         await stream.send(
-            Hello(protocol_version=1, agent_id="flood", site_name="site-1", instance_id="i")
+            Hello(
+                protocol_version=PROTOCOL_VERSION,
+                agent_id="flood",
+                site_name="site-1",
+                instance_id="i",
+            )
         )
         await site.wait_for_agent("flood", timeout=5)
         sent = 0

@@ -1,0 +1,67 @@
+"""How the executor reads NVFlare's numpy download items: in place where it can, checked always."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
+
+from flare_agent_async.nvflare._arrive import _npz_array
+
+
+def npz(save: Callable[..., None] = np.savez, **arrays: Any) -> bytes:
+    stream = io.BytesIO()
+    save(stream, **arrays)
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=">i4").reshape(3, 4),
+        np.float32(2.5) * np.ones((), dtype=np.float32),
+        np.zeros((0, 3)),
+        np.arange(600_000, dtype=np.float64),
+    ],
+    ids=["big-endian-2d", "0-d", "empty", "large"],
+)
+def test_a_stored_array_is_read_in_place(array: np.ndarray) -> None:
+    item = npz(T3=array)
+    name, got = _npz_array(item)
+    assert name == "T3" and got.dtype == array.dtype and got.shape == array.shape
+    np.testing.assert_array_equal(got, array)
+    assert np.shares_memory(got, np.frombuffer(item, np.uint8)) or got.size == 0
+    assert not got.flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("item", "want"),
+    [
+        (npz(T0=np.asfortranarray(np.arange(6.0).reshape(2, 3))), np.arange(6.0).reshape(2, 3)),
+        (npz(np.savez_compressed, T0=np.arange(5)), np.arange(5)),
+    ],
+    ids=["fortran-order", "compressed"],
+)
+def test_other_arrays_are_loaded_as_numpy_loads_them(item: bytes, want: np.ndarray) -> None:
+    name, got = _npz_array(item)
+    assert name == "T0"
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_damaged_item_or_one_that_is_not_one_plain_array_is_refused() -> None:
+    item = bytearray(npz(T0=np.arange(1000.0)))
+    item[len(item) // 2] ^= 1
+    with pytest.raises(ValueError, match="'T0' is damaged"):
+        _npz_array(bytes(item))
+    with pytest.raises(ValueError, match=r"holds \['T0.npy', 'T1.npy'\]"):
+        _npz_array(npz(T0=np.ones(2), T1=np.ones(2)))
+    with pytest.raises(ValueError, match="Python objects"):
+        _npz_array(npz(T0=np.array([{"a": 1}], dtype=object)))
+    with pytest.raises(zipfile.BadZipFile):
+        _npz_array(b"not a zip file")

@@ -73,7 +73,9 @@ class Coming:
     The task goes to the agent at once, with ``keys`` in its data as None; each entry follows
     as ``entries`` yields it, so the agent receives the first while the caller still gets the
     rest (a model downloaded one array at a time, say). The trainer has the task once all have
-    come. The site closes ``entries`` (if it has ``aclose``) when it is done with them.
+    come. With ``keep_task_data=False`` the site lets go of each entry once the agent has it, so
+    it holds about one at a time. The site closes ``entries`` (if it has ``aclose``) when it is
+    done with them.
     """
 
     keys: Sequence[str]
@@ -102,8 +104,8 @@ class FlareSite:
     :param close_timeout: how long leaving the ``async with`` waits to say goodbye to agents.
     :param keep_task_data: keep each task's data until its result, to send the task again to an
         agent that restarts (a new process under the same id). False releases the data as soon
-        as the agent has it, so a large model is not held twice while the agent trains; the task
-        of an agent that restarts then fails with `TaskLost`.
+        as the agent has it (each `Coming` entry too), so a large model is not held twice while
+        the agent trains; the task of an agent that restarts then fails with `TaskLost`.
     :param secret: a secret every agent must prove it knows (and the site proves back), or a
         mapping from agent id to its own secret; an agent id missing from it is refused.
     :param limits: the largest frames the site accepts from an agent.

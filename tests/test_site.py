@@ -883,8 +883,11 @@ async def test_a_task_that_ends_while_its_entries_come_closes_them() -> None:
             assert await stream.receive() == Abort(task_id="t1")
 
 
-async def test_a_reconnect_while_entries_come_sends_the_task_and_them_again() -> None:
-    async with FlareSite("site-1") as site:
+@pytest.mark.parametrize("keep_task_data", [True, False])
+async def test_a_reconnect_while_entries_come_sends_the_task_and_them_again(
+    keep_task_data: bool,
+) -> None:
+    async with FlareSite("site-1", keep_task_data=keep_task_data) as site:
         faulty = FaultyConnector(connector_for(await site.listen("memory://")))
         faulty.drop_on_receive(lambda message: isinstance(message, Part) and message.key == "b")
         async with (
@@ -910,4 +913,7 @@ async def test_a_reconnect_while_entries_come_sends_the_task_and_them_again() ->
                     "a1", "train", {}, coming=Coming(["w", "b", "c"], coming)
                 )
         assert result.data == OK.data
-        assert faulty.connections == 2 and faulty.received["Part"] >= 4
+        assert faulty.connections == 2
+        # "w" comes again if the site keeps it, or if its acknowledgement was lost with the
+        # connection; the agent kept it either way.
+        assert faulty.received["Part"] in ((4,) if keep_task_data else (3, 4))

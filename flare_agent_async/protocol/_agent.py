@@ -21,8 +21,9 @@ its data: the agent answers the site's `PartRequest` for each, as often as asked
 result is acknowledged.
 
 A task whose entries are ``coming`` arrives in pieces: the `TaskAssign`, then a `Part` for each
-such entry. Until the last one, the task is *arriving*: not pending, not acknowledged, and
-dropped by an abort, a newer task, or a lost connection (the site sends it all again).
+such entry, each acknowledged (`PartAck`) so that the site may let go of it. Until the last one,
+the task is *arriving*: not pending, not acknowledged, and dropped by an abort or a newer task.
+What came stays across reconnects: the site sends the task again, and the entries it still has.
 
 The machine knows tasks by id: `fetch_task` hands over the site's `TaskAssign`, and the driver
 makes the trainer's `Task` of it, signals its abort when an `AbortReceived` event says so, and
@@ -63,6 +64,7 @@ from ._messages import (
     Log,
     Message,
     Part,
+    PartAck,
     PartRequest,
     Proof,
     Reject,
@@ -280,7 +282,6 @@ class AgentProtocol:
         if self.state is not AgentState.CLOSED:
             self.state = AgentState.IDLE
         self._outbox.clear()
-        self._arriving = None  # unacknowledged: the site sends it all again
 
     def data_to_send(self, *, flush_acks: bool = True) -> list[Message]:
         """The messages to send now, in order; the outbox is empty afterwards.
@@ -389,8 +390,10 @@ class AgentProtocol:
         if task_id in self._seen:
             self._outbox.append(TaskAck(task_id=task_id))
             return []
-        # A task still arriving is superseded by a newer one, or starts again if sent again.
-        self._arriving = None
+        arriving = self._arriving
+        if arriving is not None and arriving.message.task_id == task_id:
+            return []  # sent again after a reconnect: what came stays, the rest follows
+        self._arriving = None  # superseded by a newer task
         problem = _task_data_problem(message)
         if problem is None and message.coming:
             problem = _coming_problem(message)
@@ -414,6 +417,7 @@ class AgentProtocol:
             return self._task_arrived(arriving.message, f"entry {key!r}: {message.error}")
         arriving.data[key] = message.value
         arriving.missing.discard(key)
+        self._outbox.append(PartAck(task_id=message.task_id, key=key))
         if arriving.missing:
             return []
         self._arriving = None

@@ -22,6 +22,7 @@ __all__ = [
     "Log",
     "Message",
     "Part",
+    "PartAck",
     "PartRequest",
     "Proof",
     "Reject",
@@ -97,7 +98,8 @@ class TaskAssign(_Base, tag="task", frozen=True, kw_only=True, omit_defaults=Tru
     agent's `Result` holds back the numpy arrays at the top of its data, until acknowledged."""
     coming: list[str] = []
     """Keys of the data's entries that follow the task, each in a `Part` from the site (None in
-    their place here); the agent has the task, and acknowledges it, once all have come."""
+    their place here), acknowledged by a `PartAck`; the agent has the task, and acknowledges it,
+    once all have come."""
 
 
 class TaskAck(_Base, tag="task_ack", frozen=True, kw_only=True):
@@ -134,6 +136,14 @@ class Part(_Base, tag="part", frozen=True, kw_only=True):
     key: str
     value: Any = None
     error: str = ""
+
+
+class PartAck(_Base, tag="part_ack", frozen=True, kw_only=True):
+    """Agent to site: a coming entry of a task arrived; the site need not keep it to send it
+    again (unless it keeps task data for a restarted agent)."""
+
+    task_id: str
+    key: str
 
 
 class ResultAck(_Base, tag="result_ack", frozen=True, kw_only=True):
@@ -184,6 +194,7 @@ Message = (
     | Result
     | PartRequest
     | Part
+    | PartAck
     | ResultAck
     | Abort
     | Heartbeat

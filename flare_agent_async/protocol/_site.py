@@ -20,7 +20,9 @@ Guarantees:
   ``instance_id``) every unfinished task is, since the old process took its tasks with it;
 * an agent works on one task at a time: assigning a new one aborts the one it has (NVFlare's rule);
 * a task assigned with ``coming`` entries goes out at once, and each entry after it as the site's
-  caller gives it (`send_part`); the entries given so far go again with every resend of the task;
+  caller gives it (`send_part`); the entries given so far go again with every resend of the task,
+  except, without ``keep_task_data``, those the agent acknowledged (`PartAck`): they are let go
+  of, and a restarted agent's task fails with `TaskLost`;
 * a result that holds back arrays (a task assigned with ``hold_arrays``) is acknowledged only
   when the site's caller calls `release`: until then the agent keeps the arrays, and each
   `request_part` is asked again on every new connection. An agent that restarts or leaves
@@ -55,6 +57,7 @@ from ._messages import (
     Log,
     Message,
     Part,
+    PartAck,
     PartRequest,
     Result,
     ResultAck,
@@ -128,7 +131,9 @@ class SiteTask:
     held: tuple[str, ...] = ()
     """The keys of the result's entries its agent holds back until `SiteSession.release`."""
     parts: dict[str, Any] = field(default_factory=dict)
-    """The ``coming`` entries given so far (`SiteSession.send_part`), kept as the data is."""
+    """The ``coming`` entries given (`SiteSession.send_part`) and kept, to send them again."""
+    given: set[str] = field(default_factory=set)
+    """The keys of the ``coming`` entries given so far."""
 
     @property
     def task_id(self) -> str:
@@ -353,8 +358,9 @@ class SiteSession:
         task = self._tasks.get(task_id)
         if task is None:
             return False
-        if key not in task.message.coming or key in task.parts:
+        if key not in task.message.coming or key in task.given:
             raise ValueError(f"entry {key!r} of task {task_id!r} is not one still to come")
+        task.given.add(key)
         task.parts[key] = value
         if self.state is SessionState.CONNECTED:
             self._outbox.append(Part(task_id=task_id, key=key, value=value))
@@ -494,17 +500,23 @@ class SiteSession:
         if isinstance(message, TaskAck):
             task = self._tasks.get(message.task_id)
             if task is not None:
-                if len(task.parts) < len(task.message.coming):
+                if len(task.given) < len(task.message.coming):
                     raise RemoteProtocolError(
                         f"agent {self.agent_id!r} acknowledged task {task.task_id!r} "
                         "before all its entries came"
                     )
                 task.acked = True
-                if not self.config.keep_task_data and not task.released:
+                if not self.config.keep_task_data:
                     # The agent has the data: what stays here is all a resend would need.
                     task.message = msgspec.structs.replace(task.message, data=None)
                     task.parts = {}
                     task.released = True
+            return []
+        if isinstance(message, PartAck):
+            task = self._tasks.get(message.task_id)
+            if task is not None and message.key in task.given and not self.config.keep_task_data:
+                task.parts.pop(message.key, None)  # gone already if the ack came twice
+                task.released = True  # a restarted agent cannot be sent this task again
             return []
         if isinstance(message, Heartbeat):
             self._outbox.append(Heartbeat())

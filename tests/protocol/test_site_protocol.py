@@ -37,6 +37,7 @@ from flare_agent_async.protocol import (
     LogRecord,
     Message,
     Part,
+    PartAck,
     PartRequest,
     Result,
     ResultAck,
@@ -1110,6 +1111,7 @@ def test_a_tasks_coming_entries_follow_it_and_go_again_with_every_resend() -> No
     w = np.arange(3.0)
     assert session.send_part("t1", "w", w)
     assert session.data_to_send() == [Part(task_id="t1", key="w", value=w)]
+    session.receive(PartAck(task_id="t1", key="w"))  # kept all the same: keep_task_data
     session.connection_lost()
     assert session.send_part("t1", "b", 2)  # kept for the resend
     session.connection_made(hello())
@@ -1122,13 +1124,29 @@ def test_a_tasks_coming_entries_follow_it_and_go_again_with_every_resend() -> No
     assert task.acked and task.parts == {"w": w, "b": 2}  # kept: the data is, by default
 
 
-def test_without_keep_task_data_the_entries_go_with_the_acknowledgement() -> None:
+def test_without_keep_task_data_each_entry_goes_once_the_agent_has_it() -> None:
     session = connected_session(config=dataclasses.replace(CONFIG, keep_task_data=False))
     task = announced(session)
     session.send_part("t1", "w", 1)
     session.send_part("t1", "b", 2)
+    session.receive(PartAck(task_id="t1", key="w"))
+    session.receive(PartAck(task_id="t1", key="w"))  # twice: after a reconnect, say
+    assert task.parts == {"b": 2}
+    session.connection_lost()
+    session.connection_made(hello())  # a reconnect: the task, and what the agent may lack
+    assert session.data_to_send()[1:] == [task.message, Part(task_id="t1", key="b", value=2)]
     session.receive(TaskAck(task_id="t1"))
     assert task.released and task.parts == {} and task.message.data is None
+
+
+def test_without_keep_task_data_a_restart_after_an_entry_was_let_go_loses_the_task() -> None:
+    session = connected_session(config=dataclasses.replace(CONFIG, keep_task_data=False))
+    task = announced(session)
+    session.send_part("t1", "w", 1)
+    session.receive(PartAck(task_id="t1", key="w"))
+    session.connection_lost()
+    assert session.connection_made(hello(instance_id="instance-2")) == [task]
+    assert isinstance(task.error, TaskLost)
 
 
 def test_entries_are_checked_and_those_of_an_ended_task_are_not_sent() -> None:

@@ -1,4 +1,5 @@
-"""How the executor reads NVFlare's numpy download items: in place where it can, checked always."""
+"""NVFlare's numpy download items: how the executor reads a task's (in place where it can,
+checked always) and writes a result's (as ``np.savez`` does, without its copies)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 from flare_agent_async.nvflare._arrive import _npz_array
+from flare_agent_async.nvflare._relay import npz as npz_of
 
 
 def npz(save: Callable[..., None] = np.savez, **arrays: Any) -> bytes:
@@ -65,3 +67,25 @@ def test_a_damaged_item_or_one_that_is_not_one_plain_array_is_refused() -> None:
         _npz_array(npz(T0=np.array([{"a": 1}], dtype=object)))
     with pytest.raises(zipfile.BadZipFile):
         _npz_array(b"not a zip file")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=">i4").reshape(3, 4),
+        np.ones((), dtype=np.float32),
+        np.zeros((0, 3)),
+        np.array([1 + 2j, 3j]),
+        np.arange(600_000, dtype=np.float64),
+    ],
+    ids=["big-endian-2d", "0-d", "empty", "complex", "large"],
+)
+def test_a_results_array_is_written_as_np_savez_writes_it(array: np.ndarray) -> None:
+    assert npz_of("T0", array) == npz(T0=array)
+
+
+def test_an_array_that_is_not_c_contiguous_is_written_in_c_order() -> None:
+    array = np.arange(12.0).reshape(3, 4)
+    for view in (array.T, array[:, ::2]):
+        with np.load(io.BytesIO(npz_of("T1", view)), allow_pickle=False) as loaded:
+            np.testing.assert_array_equal(loaded["T1"], view)

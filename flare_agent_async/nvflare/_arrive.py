@@ -35,7 +35,7 @@ from nvflare.fuel.f3.streaming.download_service import download_object
 from nvflare.fuel.utils.fobs import dots
 from nvflare.fuel.utils.fobs.decomposers.via_downloader import LazyDownloadRef
 
-from ._relay import DOWNLOAD_TIMEOUT
+from ._relay import COLLECTOR, DOWNLOAD_TIMEOUT
 
 __all__ = ["TASK_ROUTE", "download_arrays_to", "lazy_arrays", "only_executors_of"]
 
@@ -84,6 +84,7 @@ class _Arrays(ItemConsumer):  # type: ignore[misc]
 
     def consume_items(self, items: list[Any], result: Any) -> Any:
         for item in items:
+            COLLECTOR.moved(len(item))
             item_id, array = _npz_array(item)
             key = self.keys.get(item_id)
             if key is not None:

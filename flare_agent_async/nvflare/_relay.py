@@ -13,7 +13,9 @@ whole result.
 
 from __future__ import annotations
 
+import gc
 import io
+import threading
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -33,12 +35,45 @@ from nvflare.private.privacy_manager import Scope
 from ..defs import TaskResult
 from ..site import HeldResult
 
-__all__ = ["consumed_in_client", "npz", "relay"]
+__all__ = ["COLLECTOR", "Collector", "consumed_in_client", "npz", "relay"]
 
 DOWNLOAD_TIMEOUT = 600.0
 """Seconds the server may stay silent in the middle of downloading a result (NVFlare's default
 streaming idle timeout); then the transaction ends, and the result is refused at the agent."""
 _CHUNK_BYTES = 2 * 2**20  # NVFlare's own for numpy downloads: one array per item beyond it
+
+
+COLLECT_EVERY_BYTES = 128 * 2**20
+"""How many bytes a download moves between full collections of Python's garbage (`Collector`)."""
+
+
+class Collector:
+    """Runs a full collection of Python's garbage every ``every_bytes`` a download moved.
+
+    NVFlare's streaming leaves each message it sent or received in reference cycles, payload
+    and all, which only a full collection frees; and the collector runs by the count of objects
+    made, not by their size: a few large payloads make it no sooner. Without this, a client job
+    that moves a large model keeps every array it moved, as garbage, until the round ends. A
+    full collection takes tens of milliseconds in a client job, so it runs by bytes, not by
+    item.
+    """
+
+    def __init__(self, every_bytes: int = COLLECT_EVERY_BYTES) -> None:
+        self.every_bytes = every_bytes
+        self._moved = 0
+        self._lock = threading.Lock()
+
+    def moved(self, nbytes: int) -> None:
+        with self._lock:
+            self._moved += nbytes
+            if self._moved < self.every_bytes:
+                return
+            self._moved = 0
+        gc.collect()
+
+
+COLLECTOR = Collector()
+"""The client job's one, for what its executors' downloads move both ways."""
 
 
 class _HeldArrays(ArrayDownloadable):  # type: ignore[misc]
@@ -53,7 +88,9 @@ class _HeldArrays(ArrayDownloadable):  # type: ignore[misc]
     def produce_item(self, index: int) -> bytes:
         # The array is dropped when this returns; what stays is its serialised copy, NVFlare's
         # format for a numpy download (the .npz of one array).
-        return npz(self.keys[index], self._fetch(self._keys[index]))
+        item = npz(self.keys[index], self._fetch(self._keys[index]))
+        COLLECTOR.moved(len(item))
+        return item
 
 
 def npz(name: str, array: np.ndarray) -> bytes:

@@ -3,7 +3,9 @@ checked always) and writes a result's (as ``np.savez`` does, without its copies)
 
 from __future__ import annotations
 
+import gc
 import io
+import weakref
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +16,7 @@ import pytest
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 from flare_agent_async.nvflare._arrive import _npz_array
+from flare_agent_async.nvflare._relay import Collector
 from flare_agent_async.nvflare._relay import npz as npz_of
 
 
@@ -89,3 +92,30 @@ def test_an_array_that_is_not_c_contiguous_is_written_in_c_order() -> None:
     for view in (array.T, array[:, ::2]):
         with np.load(io.BytesIO(npz_of("T1", view)), allow_pickle=False) as loaded:
             np.testing.assert_array_equal(loaded["T1"], view)
+
+
+def test_the_collector_runs_by_the_bytes_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda *generation: runs.append(len(runs)) or 0)
+    collector = Collector(every_bytes=100)
+    for nbytes in (60, 30, 9):
+        collector.moved(nbytes)
+    assert runs == []
+    collector.moved(1)  # 100 moved
+    collector.moved(150)  # one run however far past
+    assert runs == [0, 1]
+
+
+def test_garbage_cycles_holding_a_payload_are_freed_by_the_collector() -> None:
+    class Cycle:
+        def __init__(self, payload: bytes) -> None:
+            self.payload, self.me = payload, self
+
+    gc.disable()  # no collection but the collector's
+    try:
+        freed = weakref.ref(Cycle(b"x" * 1000))
+        assert freed() is not None  # in a cycle: only a collection frees it
+        Collector(every_bytes=1000).moved(1000)
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import anyio.abc
 import anyio.from_thread
+import numpy as np
 from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsDataType, LogWriterName
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -58,6 +59,10 @@ from ._relay import consumed_in_client, relay
 __all__ = ["AgentExecutor"]
 
 T = TypeVar("T")
+
+PASS_THROUGH_MIN_BYTES = 4 * 2**20
+"""A task whose arrays are smaller than this has the next task come whole into the client job:
+handing small arrays on one by one costs a round trip to the server and saves nothing."""
 
 _ENV_LAUNCH = "FLARE_AGENT_LAUNCH"
 """Marks the launched trainer and all it starts, to find what it leaves behind."""
@@ -516,6 +521,9 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             self.log_error(fl_ctx, f"task {task_name!r}: {exc}")
             return make_reply(FlareRC.BAD_TASK_DATA)
         refs = lazy_arrays(task.data)
+        if not refs and isinstance(task.data, dict):  # here whole: its arrays' size is known
+            arrays = (value for value in task.data.values() if isinstance(value, np.ndarray))
+            self._pass_next_through(sum(array.nbytes for array in arrays))
         if refs is None:  # passed through, but not as arrays the site can hand on one by one
             try:
                 task.data = materialize_lazy_download_refs(task.data, self._cell, abort_signal)
@@ -602,6 +610,16 @@ class AgentExecutor(Executor):  # type: ignore[misc]
             self._abandon_relayed()  # it could not be made into a DXO: nothing will download it
         return shareable
 
+    def _pass_next_through(self, size: int) -> None:
+        """Have the cell pass the next task through if this one's arrays (``size`` bytes) are
+        large: a job's tasks are alike from round to round. Small ones come whole."""
+        if self._passes_tasks:
+            topics = self._cell.decode_pass_through_topics
+            if size >= PASS_THROUGH_MIN_BYTES:
+                topics.add(TASK_ROUTE)
+            else:
+                topics.discard(TASK_ROUTE)
+
     def _download(
         self, refs: dict[str, Any], abort_signal: Signal, send: anyio.abc.ObjectSendStream[_Entry]
     ) -> None:
@@ -611,14 +629,19 @@ class AgentExecutor(Executor):  # type: ignore[misc]
         `_DownloadFailed`."""
         portal = self._portal
         assert portal is not None
+        size = 0
 
         def give(key: str, array: Any) -> None:
+            nonlocal size
+            size += array.nbytes
             portal.call(send.send, (key, array))  # raises once the site stopped taking them
 
         try:
             problem = download_arrays_to(refs, self._cell, abort_signal, give)
         except Exception as exc:
             problem = repr(exc)
+        if problem is None:
+            self._pass_next_through(size)
         # The site may have stopped taking entries (the task ended), or its loop be gone.
         with contextlib.suppress(anyio.BrokenResourceError, RuntimeError):
             if problem is not None:

@@ -40,7 +40,7 @@ from nvflare.fuel.utils.fobs.decomposers.via_downloader import LazyDownloadRef
 from flare_agent_async import AgentClosed, AsyncFlareAgent, HeldResult, TaskResult
 from flare_agent_async.nvflare import AgentExecutor, NpzModelPersistor, result_to_shareable
 from flare_agent_async.nvflare._arrive import TASK_ROUTE
-from flare_agent_async.nvflare._executor import _Aborted
+from flare_agent_async.nvflare._executor import PASS_THROUGH_MIN_BYTES, _Aborted
 from flare_agent_async.tls import client_context
 
 pytestmark = pytest.mark.anyio
@@ -690,3 +690,27 @@ async def test_a_task_nvflare_aborts_while_its_arrays_download_is_aborted(
             task = await agent.get_task()
             assert task is not None and task.task_id == "t2"
             assert await agent.submit_result(TaskResult({}, {"n": 2}))
+
+
+async def test_the_cell_passes_the_next_task_through_only_after_a_large_one(
+    cell_ctx: FLContext, cells: Cells
+) -> None:
+    executor = AgentExecutor(agent_id="a1", relay_results=False)
+    cell_ctx.set_prop(FLContextKey.RUNNER, Router(train=executor), private=True)
+    large = np.zeros(PASS_THROUGH_MIN_BYTES // 8, dtype=np.float64)
+    tasks = [
+        ({"w": large[:8]}, False),  # small: a round trip to the server saves nothing
+        ({"w": large}, True),
+        (passed_through(cells, {"w": large[:8]}), False),
+        (passed_through(cells, {"w": large}), True),
+    ]
+    async with trainer_of(executor, cell_ctx) as agent:
+        assert TASK_ROUTE in cells.job.decode_pass_through_topics  # the first task, unseen
+        for index, (data, passes) in enumerate(tasks):
+            async with executing(executor, task_shareable(data, f"t{index}"), cell_ctx) as replies:
+                task = await agent.get_task()
+                assert task is not None and task.data["w"].nbytes in (64, large.nbytes)
+                assert await agent.submit_result(TaskResult({}, {"n": index}))
+            assert replies[0].get_return_code() == ReturnCode.OK
+            assert (TASK_ROUTE in cells.job.decode_pass_through_topics) is passes, index
+    assert TASK_ROUTE not in cells.job.decode_pass_through_topics

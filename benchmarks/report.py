@@ -792,16 +792,18 @@ comparison.""",
 Peak RSS counts every page a process touched during the transfers, including the transport's
 buffers.""",
     "CJ peak RSS growth": """
-In a job the client job (CJ) takes the task from the server on NVFlare's own messaging, which
-decodes it whole into the CJ, and `AgentExecutor` lets go of its arrays once the trainer has
-them. The result never comes to the CJ whole: the server downloads its arrays from the trainer
-one at a time, through the CJ, which fetches each from the agent as the server asks for it and
-serializes it as NVFlare does (`np.savez` per array). So the CJ's peak is NVFlare's download of
-the task (its chunks, the decoded arrays) and the allocator's keep of what that freed, which
-weighs most against a small model. NVFlare's Client API in process (B) holds the model in the
-CJ. Part of the growth, at every size, is memory freed in the CJ and kept by the C allocator,
-in a heap per thread, and it creeps up with the rounds; `MALLOC_ARENA_MAX=1 python -m benchmarks
---only job` shares one heap among the threads of the simulator and its processes, to see how much
+In a job the model passes through the client job (CJ) an array at a time both ways. The CJ
+downloads the task's arrays from the server one by one (NVFlare's pass-through) and sends each
+on to the trainer as it comes, letting go of it once the trainer has it; the server downloads
+the result's arrays from the trainer one at a time through the CJ, which fetches each from the
+agent as the server asks for it and serializes it as NVFlare does (an `.npz` per array).
+NVFlare's streaming leaves what it moved in reference cycles, which the executor collects every
+128 MiB moved. So the CJ's peak is a few arrays in flight, NVFlare's buffers and its process
+(about 100 MiB), which weighs most against a small model. NVFlare's Client API in process (B)
+holds the model in the CJ. Part of the growth, at every size, is memory freed in the CJ and
+kept by the C allocator, in a heap per thread, and it creeps up with the rounds;
+`MALLOC_ARENA_MAX=1 python -m benchmarks --only job` shares one heap among the threads of the
+simulator and its processes, to see how much
 (see [Running inside NVFlare](nvflare.md#the-client-jobs-memory), with the figures and a setting
 that trades time for memory instead). NVFlare's external process (A)
 keeps its CJ small because its CJ forwards the task as a reference (NVFlare's pass-through) and
@@ -812,18 +814,17 @@ holds while the result goes back.""",
     "the whole client": """
 The whole client is the CJ's peak and the trainer's added. A's CJ never holds the model (it
 forwards a reference, above), so A's whole client is about its trainer's, which holds the model
-more than twice over at 1 GiB. Ours holds it once in the trainer, and in the CJ the task's
-download from the server (above): below A's while that download costs the CJ less than A's
-trainer holds above the model.""",
+more than twice over at 1 GiB. Ours holds it once in the trainer, and in the CJ a few arrays at
+a time (above).""",
     "dispatch to result at most": """
-Dispatch to result is mostly NVFlare's two downloads ("Where a job's time goes"): the task into
-the CJ before execute() (A's trainer makes it inside execute()) and the result to the server
-after it. Ours makes both, as A does, and one hop more inside execute(): the CJ to the trainer.
-On this machine that hop is bound by the memory it receives into: a profile of the trainer
-(`perf record`) during a 512 MiB run shows most of its CPU time in the kernel zeroing fresh pages
-(`clear_page_erms`, under `recv`), and in one run the same hop can take a few hundred ms for one
-setup and over a second for the other (C's and D's execute()). NVFlare's downloads pay for their
-fresh memory too, in the CJ and on the server.""",
+Dispatch to result is mostly NVFlare's two downloads ("Where a job's time goes"): the task
+from the server, inside execute() for ours and A's alike (ours into the CJ, each array going on
+to the trainer as it comes; A's straight into its trainer), and the result to the server after
+it. Both setups pay both downloads, at the speed NVFlare moves them between two processes on
+two cores: ours is no faster than A's where that is most of the round. The hop into the trainer
+is bound by the memory it receives into: a profile of the trainer (`perf record`) during a
+512 MiB run showed most of its CPU time in the kernel zeroing fresh pages (`clear_page_erms`,
+under `recv`).""",
     "dispatch to result no worse": """
 With a tiny model, dispatch to result is mostly NVFlare's messaging between the server and the
 CJ around execute(). Ours is the small part of it (execute() takes a few ms against A's ~20 ms);

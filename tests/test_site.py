@@ -9,6 +9,7 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 import anyio
 import numpy as np
@@ -741,6 +742,15 @@ async def test_fetches_of_one_key_at_once_share_a_request_and_one_may_give_up() 
 # -- tasks whose entries come after them ----------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def raw_site(**options: Any) -> AsyncIterator[tuple[FlareSite, MessageStream]]:
+    """A running site, and a hand-driven agent connection to it, welcomed."""
+    async with FlareSite("site-1", **options) as site:
+        stream = await raw_agent(await site.listen("memory://"))
+        async with stream:
+            yield site, stream
+
+
 def entries() -> tuple[
     anyio.abc.ObjectSendStream[tuple[str, object]],
     anyio.abc.ObjectReceiveStream[tuple[str, object]],
@@ -750,13 +760,7 @@ def entries() -> tuple[
 
 async def test_coming_entries_reach_the_agent_each_as_it_comes() -> None:
     w, b = np.arange(6.0), np.ones((2, 2), dtype=np.float32)
-    async with (
-        FlareSite("site-1") as site,
-        contextlib.AsyncExitStack() as stack,
-        anyio.create_task_group() as group,
-    ):
-        stream = await raw_agent(await site.listen("memory://"))
-        await stack.enter_async_context(stream)
+    async with raw_site() as (site, stream), anyio.create_task_group() as group:
         give, coming = entries()
         results: list[TaskResult] = []
 
@@ -814,13 +818,7 @@ async def test_a_trainer_gets_a_task_once_its_coming_entries_came(scheme: str) -
 
 
 async def test_entries_the_site_let_go_of_once_the_agent_had_them_all_count_as_come() -> None:
-    async with (
-        FlareSite("site-1", keep_task_data=False) as site,
-        contextlib.AsyncExitStack() as stack,
-        anyio.create_task_group() as group,
-    ):
-        stream = await raw_agent(await site.listen("memory://"))
-        await stack.enter_async_context(stream)
+    async with raw_site(keep_task_data=False) as (site, stream), anyio.create_task_group() as group:
         give, coming = entries()
         results: list[TaskResult] = []
 
@@ -843,9 +841,7 @@ async def test_entries_the_site_let_go_of_once_the_agent_had_them_all_count_as_c
 
 @pytest.mark.parametrize("failure", ["short", "raises", "unsendable"])
 async def test_coming_entries_that_end_short_or_fail_abort_the_task(failure: str) -> None:
-    async with FlareSite("site-1") as site, contextlib.AsyncExitStack() as stack:
-        stream = await raw_agent(await site.listen("memory://"))
-        await stack.enter_async_context(stream)
+    async with raw_site() as (site, stream):
 
         async def download() -> AsyncIterator[tuple[str, object]]:
             yield "w", 1
@@ -869,9 +865,7 @@ async def test_coming_entries_that_end_short_or_fail_abort_the_task(failure: str
 
 
 async def test_a_task_that_ends_while_its_entries_come_closes_them() -> None:
-    async with FlareSite("site-1") as site, contextlib.AsyncExitStack() as stack:
-        stream = await raw_agent(await site.listen("memory://"))
-        await stack.enter_async_context(stream)
+    async with raw_site() as (site, stream):
         give, coming = entries()
         with anyio.move_on_after(0.05) as scope:  # the caller gives up: the task is aborted
             await site.run_task("raw", "train", {}, task_id="t1", coming=Coming(["w"], coming))

@@ -659,35 +659,27 @@ async def test_references_the_site_cannot_hand_on_one_by_one_are_downloaded_firs
     assert replies[0].get_return_code() == ReturnCode.OK
 
 
-async def test_a_task_whose_arrays_cannot_be_downloaded_fails_and_never_reaches_the_trainer(
-    cell_ctx: FLContext, cells: Cells
-) -> None:
-    executor = AgentExecutor(agent_id="a1")
-    async with trainer_of(executor, cell_ctx) as agent:
-        refs = passed_through(cells, {"w": np.arange(3.0)})
-        gone = {"w": LazyDownloadRef(refs["w"].fqcn, "no-such-transaction", "T0", refs["w"].dot)}
-        async with executing(executor, task_shareable({"n": 1, **gone}, "t1"), cell_ctx) as first:
-            pass
-        assert first[0].get_return_code() == ReturnCode.EXECUTION_EXCEPTION
-        async with executing(executor, task_shareable({"n": 2}, "t2"), cell_ctx):
-            task = await agent.get_task()  # the first never reached the trainer
-            assert task is not None and task.task_id == "t2"
-            assert await agent.submit_result(TaskResult({}, {"n": 2}))
-
-
-async def test_a_task_nvflare_aborts_while_its_arrays_download_is_aborted(
-    cell_ctx: FLContext, cells: Cells
+@pytest.mark.parametrize("failure", ["no such download", "nvflare aborts"])
+async def test_a_task_whose_arrays_do_not_download_ends_and_never_reaches_the_trainer(
+    cell_ctx: FLContext, cells: Cells, failure: str
 ) -> None:
     executor = AgentExecutor(agent_id="a1")
     async with trainer_of(executor, cell_ctx) as agent:
         refs = passed_through(cells, {"w": np.arange(3.0)})
         signal = Signal()
-        signal.trigger(True)  # the download sees it before its first request
-        async with executing(executor, task_shareable(refs, "t1"), cell_ctx, signal) as first:
+        if failure == "nvflare aborts":
+            signal.trigger(True)  # the download sees it before its first request
+            expected = ReturnCode.TASK_ABORTED
+        else:
+            ref = refs["w"]
+            refs = {"w": LazyDownloadRef(ref.fqcn, "no-such-transaction", "T0", ref.dot)}
+            expected = ReturnCode.EXECUTION_EXCEPTION
+        shareable = task_shareable({"n": 1, **refs}, "t1")
+        async with executing(executor, shareable, cell_ctx, signal) as first:
             pass
-        assert first[0].get_return_code() == ReturnCode.TASK_ABORTED
+        assert first[0].get_return_code() == expected
         async with executing(executor, task_shareable({"n": 2}, "t2"), cell_ctx):
-            task = await agent.get_task()
+            task = await agent.get_task()  # the first never reached the trainer
             assert task is not None and task.task_id == "t2"
             assert await agent.submit_result(TaskResult({}, {"n": 2}))
 

@@ -351,21 +351,20 @@ class FlareSite:
     async def _send_entries(
         self, session: SiteSession, task: SiteTask, entries: AsyncIterable[tuple[str, Any]]
     ) -> None:
-        sent: set[str] = set()  # not the session's: it lets go of them once the agent has all
         try:
             async for key, value in entries:
                 check_payload(value, f"data[{key!r}]")
                 if not session.send_part(task.task_id, key, value):
                     return  # the task ended meanwhile
                 del value  # the session holds it now
-                sent.add(key)
                 self._wake(task.agent_id)
         finally:
             aclose = getattr(entries, "aclose", None)
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
-        missing = [key for key in task.message.coming if key not in sent]
+        # Not the entries the session keeps: it lets go of each once the agent has it.
+        missing = [key for key in task.message.coming if key not in task.given]
         if missing and not task.done:
             raise ValueError(f"the entries {missing} of task {task.task_id!r} never came")
 

@@ -13,6 +13,7 @@ import ssl
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -57,6 +58,7 @@ __all__ = ["Coming", "FlareSite", "HeldResult", "LogRecord"]
 logger = logging.getLogger("flare_agent_async.site")
 
 _MAX_HANDLED_WHILE_SENDING = 64
+_NO_TIMEOUT = nullcontext()  # reusable: a task with no timeout makes no cancel scope
 """Messages the site handles from an agent while a send to it waits; each queues at most one
 reply, so an agent that sends without reading holds at most this many replies at the site."""
 
@@ -301,7 +303,9 @@ class FlareSite:
         self._wake(agent_id)
         done = self._waiters[task] = anyio.Event()
         try:
-            with anyio.fail_after(timeout):
+            # No cancel scope without a timeout: thousands of tasks wait here at once, and each
+            # object they keep is one more for every collection of the cyclic garbage collector.
+            with _NO_TIMEOUT if timeout is None else anyio.fail_after(timeout):
                 if coming is None:
                     await done.wait()
                 else:

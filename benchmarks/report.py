@@ -796,7 +796,7 @@ In a job the model passes through the client job (CJ) an array at a time both wa
 downloads the task's arrays from the server one by one (NVFlare's pass-through) and sends each
 on to the trainer as it comes, letting go of it once the trainer has it; the server downloads
 the result's arrays from the trainer one at a time through the CJ, which fetches each from the
-agent as the server asks for it and serializes it as NVFlare does (an `.npz` per array).
+agent and serializes it as NVFlare does (an `.npz` per array), one array ahead of the server.
 NVFlare's streaming leaves what it moved in reference cycles, which the executor collects every
 128 MiB moved. So the CJ's peak is a few arrays in flight, NVFlare's buffers and its process
 (about 100 MiB), which weighs most against a small model. NVFlare's Client API in process (B)

@@ -603,6 +603,9 @@ class HeldResult(TaskResult):
         self.task_id = task.task_id
         self.held: tuple[str, ...] = task.held
         """The keys of the held-back entries, in the data's order."""
+        self.held_nbytes: dict[str, int] = dict(zip(task.held, task.held_nbytes, strict=False))
+        """The size in bytes of each held-back array, by key, as the agent said before any
+        fetch (empty if it did not say)."""
         self.released = False
         """Whether `release` was called."""
         self._site = site

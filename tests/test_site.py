@@ -606,6 +606,7 @@ async def test_a_held_result_sends_each_array_when_fetched_and_is_settled_by_its
         ):
             result, submitted = await held_result(site, agent, group)
             assert result.held == ("w", "b")
+            assert result.held_nbytes == {"w": 800_000, "b": 96}  # known before any fetch
             assert (result.meta, result.data) == ({"m": 1}, {"w": None, "n": 5, "b": None})
             for key in reversed(result.held):
                 np.testing.assert_array_equal(await result.fetch(key), HELD[key])

@@ -5,10 +5,10 @@ The client job asks the agent to hold back its result's arrays (`FlareSite.run_t
 a download transaction on the client job's own cell: NVFlare's way of saying "download these
 from there", which its server already follows for its own Client API. As the server downloads
 each array, the transaction fetches it from the agent, serialises it as NVFlare's numpy
-downloads do, and lets go of it. When the transaction ends, the result is released: the
-trainer's ``submit_result`` returns (True if the server downloaded every array, by NVFlare's
-own account of the transfer). So the client job holds an array or two at a time, never the
-whole result.
+downloads do, and lets go of it; while one array goes to the server, the next is fetched and
+serialised. When the transaction ends, the result is released: the trainer's ``submit_result``
+returns (True if the server downloaded every array, by NVFlare's own account of the transfer).
+So the client job holds an array or two at a time, never the whole result.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import io
 import threading
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import anyio.from_thread
+import anyio.to_thread
 import numpy as np
 from nvflare.apis.fl_constant import FilterKey, FLContextKey
 from nvflare.apis.fl_context import FLContext
@@ -78,19 +80,64 @@ COLLECTOR = Collector()
 
 class _HeldArrays(ArrayDownloadable):  # type: ignore[misc]
     """The held-back arrays of a result, as NVFlare's download service serves them: item ``i``
-    is the array of ``keys[i]``, fetched from the agent when the server asks for it."""
+    is the array of ``keys[i]``, fetched from the agent and serialised (`npz`) when the server
+    asks for it, or ahead of that when NVFlare says it comes next (`prefetch_item`).
 
-    def __init__(self, item_ids: list[str], keys: list[str], fetch: Callable[[str], Any]) -> None:
+    ``sizes`` are the arrays' bytes, if the agent said: NVFlare needs them to know, before it
+    makes an item, that the item will not fit in the chunk it is filling. Without them it makes
+    the next item at once to find out, before it sends the one it has.
+    """
+
+    def __init__(
+        self,
+        result: HeldResult,
+        item_ids: list[str],
+        portal: anyio.from_thread.BlockingPortal,
+    ) -> None:
         super().__init__(dict.fromkeys(item_ids), _CHUNK_BYTES)
-        self._keys = keys
-        self._fetch = fetch
+        self._result = result
+        self._portal = portal
+        self._lock = threading.Lock()
+        self._ahead: dict[int, Future[bytes]] = {}  # at most an item or two ahead: NVFlare's
+        self._released = False
+
+    def _names(self, index: int) -> tuple[str, str]:
+        """The item's name in the download, and the key of its array at the agent."""
+        return self.keys[index], self._result.held[index]
+
+    async def _make(self, index: int) -> bytes:
+        name, key = self._names(index)
+        array = await self._result.fetch(key)
+        return await anyio.to_thread.run_sync(npz, name, array)
+
+    def get_item_size(self, index: int) -> int | None:
+        return self._result.held_nbytes.get(self._result.held[index])
+
+    def prefetch_item(self, index: int) -> None:
+        with self._lock:
+            if not self._released and index not in self._ahead:
+                self._ahead[index] = self._portal.start_task_soon(self._make, index)
 
     def produce_item(self, index: int) -> bytes:
-        # The array is dropped when this returns; what stays is its serialised copy, NVFlare's
+        # The array is dropped once serialised; what stays is its serialised copy, NVFlare's
         # format for a numpy download (the .npz of one array).
-        item = npz(self.keys[index], self._fetch(self._keys[index]))
+        with self._lock:
+            ahead = self._ahead.pop(index, None)
+        if ahead is not None:
+            item = ahead.result()
+        else:
+            name, key = self._names(index)
+            item = npz(name, self._portal.call(self._result.fetch, key))
         COLLECTOR.moved(len(item))
         return item
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            ahead, self._ahead = list(self._ahead.values()), {}
+        for future in ahead:  # what the server will not ask for: its fetch stops
+            future.cancel()
+        super().release()
 
 
 def npz(name: str, array: np.ndarray) -> bytes:
@@ -124,9 +171,6 @@ def relay(
     array, and a function that abandons the download (if the result is not sent after all). The
     result is released when the server's download ends, is abandoned, or times out."""
 
-    def fetch(key: str) -> Any:
-        return portal.call(result.fetch, key)
-
     def done(outcome: TransferOutcome) -> None:
         # Not the transaction's own end status: "finished" counts a receiver that failed too.
         accepted = outcome.completed
@@ -138,15 +182,14 @@ def relay(
         except RuntimeError:  # the site's loop is gone (the run ended): it released everything
             pass
 
-    keys = list(result.held)
-    item_ids = [f"A{index}" for index in range(len(keys))]
+    item_ids = [f"A{index}" for index in range(len(result.held))]
     downloader = ObjectDownloader(
         cell=cell, timeout=DOWNLOAD_TIMEOUT, num_receivers=1, outcome_cb=done
     )
-    ref_id = downloader.add_object(_HeldArrays(item_ids, keys, fetch))
+    ref_id = downloader.add_object(_HeldArrays(result, item_ids, portal))
     fqcn = cell.get_fqcn()
     data = dict(result.data)
-    for key, item_id in zip(keys, item_ids, strict=True):
+    for key, item_id in zip(result.held, item_ids, strict=True):
         data[key] = LazyDownloadRef(fqcn, ref_id, item_id, dots.NUMPY_DOWNLOAD)
     return TaskResult(result.meta, data, result.return_code), downloader.delete_transaction
 

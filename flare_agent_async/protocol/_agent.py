@@ -544,6 +544,7 @@ class AgentProtocol:
             meta=result.meta,
             data=data,
             held=list(held),
+            held_nbytes=[value.nbytes for value in held.values()],
         )
         submission = Submission(task_id, message, held=held)
         self._unsettled[task_id] = submission

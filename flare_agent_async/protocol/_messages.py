@@ -118,6 +118,9 @@ class Result(_Base, tag="result", frozen=True, kw_only=True, omit_defaults=True)
     held: list[str] = []
     """The keys of the data's entries the agent holds back (None in their place), for the site
     to fetch with `PartRequest` (when the task said ``hold_arrays``)."""
+    held_nbytes: list[int] = []
+    """The size in bytes of each held-back array, in ``held``'s order (empty from an agent that
+    does not say): what the site will fetch, known before it asks."""
 
 
 class PartRequest(_Base, tag="part_request", frozen=True, kw_only=True):

@@ -130,6 +130,8 @@ class SiteTask:
     error: BaseException | None = None
     held: tuple[str, ...] = ()
     """The keys of the result's entries its agent holds back until `SiteSession.release`."""
+    held_nbytes: tuple[int, ...] = ()
+    """The size in bytes of each held-back entry, in ``held``'s order, if the agent said."""
     parts: dict[str, Any] = field(default_factory=dict)
     """The ``coming`` entries given (`SiteSession.send_part`) and kept, to send them again."""
     given: set[str] = field(default_factory=set)
@@ -597,8 +599,14 @@ class SiteSession:
                 raise RemoteProtocolError(
                     f"agent {self.agent_id!r} holds back entries its result's data does not have"
                 )
+            nbytes = message.held_nbytes
+            if nbytes and (len(nbytes) != len(held) or min(nbytes) < 0):
+                raise RemoteProtocolError(
+                    f"agent {self.agent_id!r} gave {len(nbytes)} sizes for {len(held)} held-back "
+                    "entries, or a negative one"
+                )
             self._held[task_id] = dict.fromkeys(held)
-            task.held = tuple(held)
+            task.held, task.held_nbytes = tuple(held), tuple(nbytes)
         else:
             self._outbox.append(ResultAck(task_id=task_id, accepted=True))
         self._finish(task, result=result)

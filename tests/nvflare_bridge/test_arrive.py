@@ -1,22 +1,27 @@
 """NVFlare's numpy download items: how the executor reads a task's (in place where it can,
-checked always) and writes a result's (as ``np.savez`` does, without its copies)."""
+checked always) and writes a result's (as ``np.savez`` does, without its copies, the next one
+made while the server takes the one before)."""
 
 from __future__ import annotations
 
 import gc
 import io
+import time
 import weakref
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import anyio
+import anyio.from_thread
 import numpy as np
 import pytest
 
 pytest.importorskip("nvflare", reason="needs NVFlare: pip install -e '.[test]'")
 
 from flare_agent_async.nvflare._arrive import _npz_array
-from flare_agent_async.nvflare._relay import Collector
+from flare_agent_async.nvflare._relay import Collector, _HeldArrays
 from flare_agent_async.nvflare._relay import npz as npz_of
 
 
@@ -119,3 +124,82 @@ def test_garbage_cycles_holding_a_payload_are_freed_by_the_collector() -> None:
         assert freed() is None
     finally:
         gc.enable()
+
+
+# -- a result's items, made one ahead of the server ---------------------------------------------
+
+ARRAYS = {"w": np.arange(6, dtype=np.float32), "b": np.ones((2, 2))}
+
+
+class Held:
+    """What the items use of a `HeldResult`: its keys, their sizes, and `fetch`, which records
+    each call and, while ``gate`` is set, waits for it (recording a cancellation)."""
+
+    def __init__(self, say_sizes: bool = True) -> None:
+        self.held = tuple(ARRAYS)
+        self.held_nbytes = {key: array.nbytes for key, array in ARRAYS.items()} if say_sizes else {}
+        self.fetched: list[str] = []
+        self.cancelled: list[str] = []
+        self.gate: anyio.Event | None = None
+
+    async def fetch(self, key: str) -> np.ndarray:
+        self.fetched.append(key)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(key)
+            raise
+        return ARRAYS[key]
+
+
+@contextmanager
+def held_items(backend: str, held: Held) -> Iterator[_HeldArrays]:
+    with anyio.from_thread.start_blocking_portal(backend) as portal:
+        yield _HeldArrays(held, ["A0", "A1"], portal)  # type: ignore[arg-type]
+
+
+def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def loaded(item: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(item), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+@pytest.mark.parametrize("say_sizes", [True, False], ids=["sizes-said", "sizes-unsaid"])
+def test_items_are_sized_as_the_agent_said_so_nvflare_need_not_make_one_to_know(
+    anyio_backend: str, say_sizes: bool
+) -> None:
+    with held_items(anyio_backend, Held(say_sizes)) as items:
+        sizes = [items.get_item_size(index) for index in range(2)]
+    assert sizes == ([24, 32] if say_sizes else [None, None])
+
+
+def test_an_item_made_ahead_is_fetched_once_and_served_when_asked(anyio_backend: str) -> None:
+    held = Held()
+    with held_items(anyio_backend, held) as items:
+        items.prefetch_item(1)
+        items.prefetch_item(1)  # NVFlare may say so again: still one fetch
+        until(lambda: held.fetched == ["b"], "the item ahead was not fetched before it was asked")
+        first = items.produce_item(0)  # not made ahead: fetched now
+        second = items.produce_item(1)
+    assert held.fetched == ["b", "w"]
+    np.testing.assert_array_equal(loaded(first)["A0"], ARRAYS["w"])
+    np.testing.assert_array_equal(loaded(second)["A1"], ARRAYS["b"])
+
+
+def test_an_item_still_being_made_when_the_download_ends_is_given_up(anyio_backend: str) -> None:
+    held = Held()
+    with held_items(anyio_backend, held) as items:
+        held.gate = items._portal.call(anyio.Event)
+        items.prefetch_item(1)
+        until(lambda: held.fetched == ["b"], "the item ahead was never fetched")
+        items.release()
+        until(lambda: held.cancelled == ["b"], "the fetch of an item nobody wants went on")
+        items.prefetch_item(0)  # after the end: nothing more is fetched
+    assert held.fetched == ["b"]

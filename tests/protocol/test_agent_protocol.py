@@ -832,12 +832,13 @@ def test_a_result_holds_back_its_arrays_only_for_a_task_that_asks() -> None:
     held = held_submission(agent)
     (sent,) = results(agent.data_to_send())
     assert (sent.data, sent.held) == ({"w": None, "n": 1, "b": None}, ["w", "b"])
+    assert sent.held_nbytes == [16, 8]  # float64: what the site will fetch, before it asks
     assert list(held.held) == ["w", "b"]
 
     agent = ready_agent()
     whole = held_submission(agent, hold_arrays=False)
     (sent,) = results(agent.data_to_send())
-    assert sent.held == [] and sent.data["w"] is whole.message.data["w"]
+    assert sent.held == [] and sent.held_nbytes == [] and sent.data["w"] is whole.message.data["w"]
     assert whole.held == {}
 
 

@@ -957,6 +957,7 @@ def test_a_held_result_finishes_the_task_without_its_arrays_and_waits_for_releas
     link, site_task, submission = held_link()
 
     assert site_task.held == ("a", "b")
+    assert site_task.held_nbytes == (24, 16)  # int64 and float64, as the agent said
     assert site_task.result is not None
     assert site_task.result.data == {"a": None, "n": 3, "b": None}
     assert submission.accepted is None  # no acknowledgement before the release
@@ -1084,6 +1085,32 @@ def test_a_result_that_holds_back_what_it_should_not_is_a_protocol_error() -> No
     assign(session, "t1")
     with pytest.raises(RemoteProtocolError, match="which did not ask it to"):
         session.receive(msgspec.structs.replace(held, held=["a"]))
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "kept"),
+    [([], ()), ([8, 0], (8, 0)), ([8], None), ([8, 4, 2], None), ([8, -1], None)],
+    ids=["unsaid", "said", "too-few", "too-many", "negative"],
+)
+def test_the_sizes_of_held_arrays_are_kept_when_they_fit_and_a_protocol_error_otherwise(
+    nbytes: list[int], kept: tuple[int, ...] | None
+) -> None:
+    session = connected_session()
+    site_task, _ = session.assign("t1", "train", {}, None, hold_arrays=True)
+    result = Result(
+        task_id="t1",
+        return_code=RC.OK,
+        meta={},
+        data={"a": None, "b": None},
+        held=["a", "b"],
+        held_nbytes=nbytes,
+    )
+    if kept is None:
+        with pytest.raises(RemoteProtocolError, match="sizes for 2 held-back entries"):
+            session.receive(result)
+    else:
+        session.receive(result)
+        assert site_task.held == ("a", "b") and site_task.held_nbytes == kept
 
 
 def test_a_held_result_lost_with_a_restart_says_so_to_a_later_fetch() -> None:

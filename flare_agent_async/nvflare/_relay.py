@@ -80,12 +80,13 @@ COLLECTOR = Collector()
 
 class _HeldArrays(ArrayDownloadable):  # type: ignore[misc]
     """The held-back arrays of a result, as NVFlare's download service serves them: item ``i``
-    is the array of ``keys[i]``, fetched from the agent and serialised (`npz`) when the server
-    asks for it, or ahead of that when NVFlare says it comes next (`prefetch_item`).
+    is the array of ``result.held[i]``, fetched from the agent and serialised (`npz`) when the
+    server asks for it, or ahead of that when NVFlare says it comes next (`prefetch_item`).
 
-    ``sizes`` are the arrays' bytes, if the agent said: NVFlare needs them to know, before it
-    makes an item, that the item will not fit in the chunk it is filling. Without them it makes
-    the next item at once to find out, before it sends the one it has.
+    Each item's size is its array's (`HeldResult.held_nbytes`), if the agent said: NVFlare needs
+    it to know, before it makes an item, that the item will not fit in the message it is
+    filling. Without it, NVFlare makes the next item at once to find out, before it sends the
+    one it has.
     """
 
     def __init__(
@@ -98,7 +99,7 @@ class _HeldArrays(ArrayDownloadable):  # type: ignore[misc]
         self._result = result
         self._portal = portal
         self._lock = threading.Lock()
-        self._ahead: dict[int, Future[bytes]] = {}  # at most an item or two ahead: NVFlare's
+        self._ahead: dict[int, Future[bytes]] = {}  # by index; NVFlare keeps one or two ahead
         self._released = False
 
     def _names(self, index: int) -> tuple[str, str]:

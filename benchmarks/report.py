@@ -823,7 +823,7 @@ to the trainer as it comes; A's straight into its trainer), and the result to th
 it. Both setups pay both downloads, at the speed NVFlare moves them between two processes on
 two cores. Ours gains on the result's: the CJ makes each array (fetched from the trainer,
 serialized) while the server takes the one before, where A's trainer makes each when asked. The
-rest is NVFlare's own, so ours stays near 0.8-0.9x of A's. The hop into the trainer
+rest is NVFlare's own. The hop into the trainer
 is bound by the memory it receives into: a profile of the trainer (`perf record`) during a
 512 MiB run showed most of its CPU time in the kernel zeroing fresh pages (`clear_page_erms`,
 under `recv`).""",

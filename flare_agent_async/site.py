@@ -58,9 +58,11 @@ __all__ = ["Coming", "FlareSite", "HeldResult", "LogRecord"]
 logger = logging.getLogger("flare_agent_async.site")
 
 _MAX_HANDLED_WHILE_SENDING = 64
-_NO_TIMEOUT = nullcontext()  # reusable: a task with no timeout makes no cancel scope
 """Messages the site handles from an agent while a send to it waits; each queues at most one
 reply, so an agent that sends without reading holds at most this many replies at the site."""
+
+_NO_TIMEOUT = nullcontext()
+"""What `FlareSite.run_task` waits in without a timeout: reusable, and no cancel scope."""
 
 _GONE_SESSIONS_KEPT = 1024
 """Sessions of agents that left which the site remembers (so `run_task` on one says why it is

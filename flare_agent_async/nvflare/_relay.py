@@ -102,14 +102,12 @@ class _HeldArrays(ArrayDownloadable):  # type: ignore[misc]
         self._ahead: dict[int, Future[bytes]] = {}  # by index; NVFlare keeps one or two ahead
         self._released = False
 
-    def _names(self, index: int) -> tuple[str, str]:
-        """The item's name in the download, and the key of its array at the agent."""
-        return self.keys[index], self._result.held[index]
-
     async def _make(self, index: int) -> bytes:
-        name, key = self._names(index)
-        array = await self._result.fetch(key)
-        return await anyio.to_thread.run_sync(npz, name, array)
+        """Item ``index``: its array fetched from the agent, serialised under the item's name
+        (the array is dropped once serialised; what stays is NVFlare's format for a numpy
+        download, the .npz of one array)."""
+        array = await self._result.fetch(self._result.held[index])
+        return await anyio.to_thread.run_sync(npz, self.keys[index], array)
 
     def get_item_size(self, index: int) -> int | None:
         return self._result.held_nbytes.get(self._result.held[index])
@@ -120,15 +118,9 @@ class _HeldArrays(ArrayDownloadable):  # type: ignore[misc]
                 self._ahead[index] = self._portal.start_task_soon(self._make, index)
 
     def produce_item(self, index: int) -> bytes:
-        # The array is dropped once serialised; what stays is its serialised copy, NVFlare's
-        # format for a numpy download (the .npz of one array).
         with self._lock:
             ahead = self._ahead.pop(index, None)
-        if ahead is not None:
-            item = ahead.result()
-        else:
-            name, key = self._names(index)
-            item = npz(name, self._portal.call(self._result.fetch, key))
+        item = self._portal.call(self._make, index) if ahead is None else ahead.result()
         COLLECTOR.moved(len(item))
         return item
 

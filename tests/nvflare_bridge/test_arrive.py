@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import io
-import time
+import threading
 import weakref
 import zipfile
 from collections.abc import Callable, Iterator
@@ -133,22 +133,24 @@ ARRAYS = {"w": np.arange(6, dtype=np.float32), "b": np.ones((2, 2))}
 
 class Held:
     """What the items use of a `HeldResult`: its keys, their sizes, and `fetch`, which records
-    each call and, while ``gate`` is set, waits for it (recording a cancellation)."""
+    each call (`fetching` is set at the first) and, if ``stuck``, never ends (`stopped` is set
+    when it is cancelled)."""
 
-    def __init__(self, say_sizes: bool = True) -> None:
+    def __init__(self, say_sizes: bool = True, stuck: bool = False) -> None:
         self.held = tuple(ARRAYS)
         self.held_nbytes = {key: array.nbytes for key, array in ARRAYS.items()} if say_sizes else {}
         self.fetched: list[str] = []
-        self.cancelled: list[str] = []
-        self.gate: anyio.Event | None = None
+        self.fetching, self.stopped = threading.Event(), threading.Event()
+        self.stuck = stuck
 
     async def fetch(self, key: str) -> np.ndarray:
         self.fetched.append(key)
+        self.fetching.set()
         try:
-            if self.gate is not None:
-                await self.gate.wait()
+            if self.stuck:
+                await anyio.sleep_forever()
         except anyio.get_cancelled_exc_class():
-            self.cancelled.append(key)
+            self.stopped.set()
             raise
         return ARRAYS[key]
 
@@ -157,13 +159,6 @@ class Held:
 def held_items(backend: str, held: Held) -> Iterator[_HeldArrays]:
     with anyio.from_thread.start_blocking_portal(backend) as portal:
         yield _HeldArrays(held, ["A0", "A1"], portal)  # type: ignore[arg-type]
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def loaded(item: bytes) -> dict[str, np.ndarray]:
@@ -185,7 +180,7 @@ def test_an_item_made_ahead_is_fetched_once_and_served_when_asked(anyio_backend:
     with held_items(anyio_backend, held) as items:
         items.prefetch_item(1)
         items.prefetch_item(1)  # NVFlare may say so again: still one fetch
-        until(lambda: held.fetched == ["b"], "the item ahead was not fetched before it was asked")
+        assert held.fetching.wait(10), "the item ahead was not fetched before it was asked"
         first = items.produce_item(0)  # not made ahead: fetched now
         second = items.produce_item(1)
     assert held.fetched == ["b", "w"]
@@ -194,12 +189,11 @@ def test_an_item_made_ahead_is_fetched_once_and_served_when_asked(anyio_backend:
 
 
 def test_an_item_still_being_made_when_the_download_ends_is_given_up(anyio_backend: str) -> None:
-    held = Held()
+    held = Held(stuck=True)
     with held_items(anyio_backend, held) as items:
-        held.gate = items._portal.call(anyio.Event)
         items.prefetch_item(1)
-        until(lambda: held.fetched == ["b"], "the item ahead was never fetched")
+        assert held.fetching.wait(10), "the item ahead was never fetched"
         items.release()
-        until(lambda: held.cancelled == ["b"], "the fetch of an item nobody wants went on")
+        assert held.stopped.wait(10), "the fetch of an item nobody wants went on"
         items.prefetch_item(0)  # after the end: nothing more is fetched
     assert held.fetched == ["b"]
